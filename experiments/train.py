@@ -1,0 +1,119 @@
+"""`ppc-train`: the training entry point (Hydra), and `run()` for sweeps calling it in-process.
+
+The config enters here, is validated once (`to_run_config`), and only plain values go below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from experiments.config import RunConfig, register_configs, to_run_config
+from experiments.tracking import finish_tracking, start_tracking
+from ppc_core.data import build_dataset, dataset_info
+from ppc_core.evaluate import EvalResult, evaluate
+from ppc_core.losses.ppc import PPCLoss
+from ppc_core.models import build_model
+from ppc_core.objective import Objective, SEAMWeights
+from ppc_core.train import Reporter, Schedule, TrainResult, train
+
+register_configs()
+
+
+def _eval_loader(cfg: RunConfig) -> DataLoader:
+    d = cfg.data
+    dataset = build_dataset(d.name, d.eval_split, False, d.crop_size, d.root,
+                            num_images=d.eval_images)
+    return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False,
+                      num_workers=d.num_workers)
+
+
+def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
+    """Train and evaluate one configuration; returns the final metrics (also in metrics.json)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    out = Path(cfg.train.output_dir)
+    t = cfg.train
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, cpu=t.cpu,
+        log_with=cfg.track.trackers or None, project_dir=str(out),
+    )
+    set_seed(t.seed)
+    info = dataset_info(cfg.data.name)
+    d, m = cfg.data, cfg.model
+    train_set = build_dataset(d.name, d.train_split, True, d.crop_size, d.root,
+                              num_images=d.num_images)
+    model = build_model(m.backbone, info.num_classes, m.output_stride, m.proj_dim, m.pcm,
+                        m.pretrained)
+    optimizer = torch.optim.SGD(model.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                momentum=cfg.optim.momentum)
+    gather = accelerator.gather if accelerator.num_processes > 1 else None
+    seam = SEAMWeights(cfg.loss.w_er, cfg.loss.w_ecr, cfg.loss.w_min_pool) if cfg.loss.seam else None
+    objective = Objective(PPCLoss(cfg.ppc, gather) if cfg.loss.use_ppc else None,
+                          d.target_size, d.target_flip, seam)
+    eval_loader = _eval_loader(cfg) if accelerator.is_main_process else None
+    last_eval: list[EvalResult] = []
+
+    def evaluate_model(net: torch.nn.Module) -> dict[str, float]:
+        e = cfg.eval
+        result = evaluate(net, eval_loader, info.num_classes, e.scales, e.flip, e.bg_threshold,
+                          max_batches=e.max_batches or None, num_samples=e.num_samples,
+                          progress=True, device=accelerator.device)
+        last_eval[:] = [result]
+        return {"cam_miou": result.cam_miou, "pseudo_miou": result.pseudo_miou,
+                "best_threshold": result.best_threshold}
+
+    start_tracking(accelerator, cfg)
+    schedule = Schedule(
+        steps=t.steps, base_lr=cfg.optim.lr, poly_power=cfg.optim.poly_power,
+        ppc_start=cfg.loss.ppc_start_step, ppc_ramp=cfg.loss.ppc_ramp_steps,
+        grad_accum=t.grad_accum, log_every=t.log_every, eval_every=cfg.eval.every,
+        checkpoint_every=t.checkpoint_every, seed=t.seed,
+    )
+    try:
+        result = train(accelerator, model, optimizer, train_set, t.batch_size, objective,
+                       schedule, out, evaluate_model, reporter, d.num_workers, t.resume)
+    except BaseException:
+        accelerator.end_training()
+        raise
+    metrics = _summarise(result)
+    if accelerator.is_main_process:
+        if not last_eval:  # resumed after the final step: evaluate the restored model once
+            evaluate_model(model)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        finish_tracking(accelerator, out, metrics, last_eval[0], info.num_classes)
+    accelerator.end_training()
+    return metrics
+
+
+def _summarise(result: TrainResult) -> dict:
+    return {"step": result.step, "stopped_early": result.stopped_early, **result.metrics,
+            "best_cam_miou": max((h["cam_miou"] for h in result.history), default=float("nan")),
+            "history": result.history}
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    run_cfg = to_run_config(cfg)
+    reporter = None
+    if run_cfg.trial.storage:
+        from sweeps.trial_reporter import make_reporter  # a trial launched by ppc-sweep
+
+        reporter = make_reporter(run_cfg.trial.storage, run_cfg.trial.study, run_cfg.trial.number)
+    metrics = run(run_cfg, reporter)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Pixel-to-Prototype Contrast (Du et al., CVPR 2022): pseudo labels, prototypes and the loss.
+
+Every constant of the authors' reference code is a field of `PPCConfig`; see
+`shared/method.md` for where our defaults follow the code rather than the paper.
+All functions are vectorised over pixels and classes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_EPS = 1e-5
+
+
+@dataclass
+class PPCConfig:
+    """The PPC regulariser's knobs, defaults from the reference code."""
+
+    tau: float = 0.1
+    # K = top_k_ratio * (pixels of one image on the loss grid): 16x16 // 8 = 32 in the reference.
+    top_k_ratio: float = 0.125
+    bg_threshold: float = 0.20
+    w_cross_proto: float = 0.1
+    w_cross_cam: float = 0.1
+    w_intra: float = 0.1
+    # Semi-hard prototype mining: drop the `neg_drop` nearest prototypes, keep the next
+    # round(neg_keep_ratio * num_prototypes) (3 and 10 of 21 in the reference).
+    neg_drop: int = 3
+    neg_keep_ratio: float = 10 / 21
+    # Hard pixel sampling per class: a random share plus a similarity-rank window (hardest first).
+    hard_random_ratio: float = 0.5
+    hard_rank_lo: float = 0.1
+    hard_rank_hi: float = 0.6
+    # "complement": background confidence = 1 - max foreground (ours); "reference": the constant
+    # bg_threshold channel and unmasked class maps, as the reference ranks them.
+    prototype_ranking: str = "complement"
+
+    def __post_init__(self) -> None:
+        _check_positive("tau", self.tau)
+        for name in ("top_k_ratio", "neg_keep_ratio", "hard_random_ratio", "hard_rank_hi"):
+            _check_unit_interval(name, getattr(self, name))
+        if not 0.0 <= self.hard_rank_lo < self.hard_rank_hi:
+            raise ValueError(
+                f"hard_rank_lo must be in [0, hard_rank_hi={self.hard_rank_hi}), got {self.hard_rank_lo}"
+            )
+        if not 0.0 <= self.bg_threshold <= 1.0:
+            raise ValueError(f"bg_threshold must be in [0, 1], got {self.bg_threshold}")
+        for name in ("w_cross_proto", "w_cross_cam", "w_intra"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.neg_drop < 0:
+            raise ValueError(f"neg_drop must be >= 0, got {self.neg_drop}")
+        if self.prototype_ranking not in ("complement", "reference"):
+            raise ValueError(
+                "prototype_ranking must be 'complement' or 'reference', "
+                f"got {self.prototype_ranking!r}"
+            )
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+
+
+def _check_finite(name: str, x: Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def top_k_for(height: int, width: int, ratio: float) -> int:
+    """K for one image's `height x width` grid: the reference's h*w // 8 at ratio 1/8."""
+    return max(1, int(height * width * ratio))
+
+
+def normalise_cam(cam: Tensor) -> Tensor:
+    """Per image and class min-max normalisation of relu(cam) to [0, 1].
+
+    cam: (B, K, H, W) raw scores. Returns (B, K, H, W); pixels at the minimum are 0.
+    """
+    cam = F.relu(cam.detach().float())
+    flat = cam.flatten(2)
+    lo = flat.amin(dim=2, keepdim=True)
+    hi = flat.amax(dim=2, keepdim=True)
+    norm = ((flat - lo - _EPS) / (hi - lo + _EPS)).clamp_min(0.0)
+    return norm.view_as(cam)
+
+
+def _validate_cam_labels(cam: Tensor, labels: Tensor) -> None:
+    if cam.dim() != 4:
+        raise ValueError(f"cam must be (B, C+1, H, W), got shape {tuple(cam.shape)}")
+    if labels.dim() != 2 or labels.shape[0] != cam.shape[0] or labels.shape[1] + 1 != cam.shape[1]:
+        raise ValueError(
+            f"labels must be (B, C) = ({cam.shape[0]}, {cam.shape[1] - 1}) to match cam "
+            f"{tuple(cam.shape)}, got {tuple(labels.shape)}"
+        )
+    if not (labels.sum(dim=1) > 0).all():
+        bad = (labels.sum(dim=1) <= 0).nonzero().flatten().tolist()
+        raise ValueError(f"labels: images {bad} have no foreground class")
+    _check_finite("cam", cam)
+
+
+@torch.no_grad()
+def pseudo_labels(cam: Tensor, labels: Tensor, bg_threshold: float = 0.20) -> tuple[Tensor, Tensor]:
+    """Pseudo labels from a CAM, as method.md's four steps.
+
+    cam: (B, C+1, H, W) raw scores, channel 0 = background (its raw value is ignored).
+    labels: (B, C) multi-hot image labels.
+    Returns norm_cam (B, C+1, H, W) in [0, 1] with absent classes zeroed and channel 0 =
+    bg_threshold, and y (B, H, W) int64 = argmax of softmax(norm_cam).
+    """
+    _validate_cam_labels(cam, labels)
+    if not 0.0 <= bg_threshold <= 1.0:
+        raise ValueError(f"bg_threshold must be in [0, 1], got {bg_threshold}")
+    norm = normalise_cam(cam)
+    norm[:, 0] = bg_threshold
+    mask = F.pad(labels.to(norm.dtype), (1, 0), value=1.0)[:, :, None, None]
+    norm = norm * mask
+    # softmax is monotone, so argmax of the scores is argmax of the masked map itself.
+    return norm, norm.argmax(dim=1)
+
+
+def ranking_map(cam: Tensor, norm_cam: Tensor, mode: str = "complement") -> Tensor:
+    """The confidence by which pixels compete to build each class prototype.
+
+    cam: (B, C+1, H, W) raw scores; norm_cam: the first output of `pseudo_labels`.
+    "complement": absent classes 0, background = 1 - max foreground confidence.
+    "reference": unmasked normalised CAM with the constant bg_threshold channel, so absent
+    classes still get prototypes and the background top-K is a tie-break (the reference's quirk).
+    Returns (B, C+1, H, W).
+    """
+    if mode == "reference":
+        rank = normalise_cam(cam)
+        rank[:, 0] = norm_cam[:, 0]
+        return rank
+    rank = norm_cam.clone()
+    rank[:, 0] = 1.0 - norm_cam[:, 1:].amax(dim=1)
+    return rank
+
+
+def _flatten_pixels(x: Tensor) -> Tensor:
+    """(B, K, H, W) -> (B*H*W, K), pixel-major in (b, h, w) order."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+@torch.no_grad()
+def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Each class's `top_k` most confident pixels of a (local) batch.
+
+    confidence: (B, K, H, W) ranking map; feats: (B, D, H, W) projected features.
+    Returns values (K, k) and features (K, k, D), k = min(top_k, B*H*W). The prototype of a
+    data-parallel batch is the top-K of every rank's candidates (see `prototypes_from_candidates`).
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if confidence.shape[0] != feats.shape[0] or confidence.shape[2:] != feats.shape[2:]:
+        raise ValueError(
+            f"norm_cam {tuple(confidence.shape)} and feats {tuple(feats.shape)} must share "
+            "batch and spatial dimensions"
+        )
+    conf = _flatten_pixels(confidence).T  # (K, N)
+    flat = _flatten_pixels(feats.detach().float())  # (N, D)
+    values, index = conf.topk(min(top_k, conf.shape[1]), dim=1)
+    return values, flat[index]
+
+
+@torch.no_grad()
+def prototypes_from_candidates(values: Tensor, cand: Tensor, top_k: int) -> Tensor:
+    """Confidence-weighted mean of the top-K candidates, L2-normalised.
+
+    values: (K, M) confidences; cand: (K, M, D) features. Returns (K, D); a class whose weight
+    sum is not positive gets an all-zero row (no prototype this batch).
+    """
+    k = min(top_k, values.shape[1])
+    values, index = values.topk(k, dim=1)
+    cand = cand.gather(1, index[:, :, None].expand(-1, -1, cand.shape[2]))
+    weight = values.sum(dim=1, keepdim=True)
+    proto = torch.einsum("km,kmd->kd", values, cand) / weight.clamp_min(1e-12)
+    proto = F.normalize(proto, dim=1)
+    return torch.where(weight > 0, proto, torch.zeros_like(proto))
+
+
+@torch.no_grad()
+def estimate_prototypes(norm_cam: Tensor, feats: Tensor, top_k: int) -> Tensor:
+    """Class prototypes from the whole batch's top-K most confident pixels.
+
+    norm_cam: (B, C+1, H, W) confidences (e.g. `pseudo_labels(...)[0]` or `ranking_map`).
+    feats: (B, D, H, W) projected features, before L2 normalisation (as the reference).
+    Returns (C+1, D) unit rows, or all-zero rows for classes with no positive confidence.
+    """
+    _check_finite("feats", feats)
+    return prototypes_from_candidates(*topk_candidates(norm_cam, feats, top_k), top_k)
+
+
+def _masked_logits(sim: Tensor, prototypes: Tensor, tau: float) -> Tensor:
+    valid = prototypes.abs().sum(dim=1) > 0
+    return (sim / tau).masked_fill(~valid, float("-inf"))
+
+
+def _valid_targets(y: Tensor, prototypes: Tensor) -> Tensor:
+    return prototypes.abs().sum(dim=1)[y] > 0
+
+
+def _check_contrast_inputs(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float) -> None:
+    _check_positive("tau", tau)
+    if feats.dim() != 2 or prototypes.dim() != 2 or feats.shape[1] != prototypes.shape[1]:
+        raise ValueError(
+            f"feats must be (N, D) and prototypes (K, D); got {tuple(feats.shape)} and "
+            f"{tuple(prototypes.shape)}"
+        )
+    if y.shape != feats.shape[:1]:
+        raise ValueError(f"y must be (N,) = ({feats.shape[0]},), got {tuple(y.shape)}")
+    if y.numel() and (y.min() < 0 or y.max() >= prototypes.shape[0]):
+        raise ValueError(f"y must be in [0, {prototypes.shape[0]}), got range "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    _check_finite("feats", feats)
+
+
+def _mean_or_zero(per_pixel: Tensor, keep: Tensor) -> Tensor:
+    # A batch with nothing to contrast still returns a graph-connected zero.
+    kept = per_pixel[keep]
+    return kept.mean() if kept.numel() else per_pixel.sum() * 0.0
+
+
+def prototype_contrast(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float) -> Tensor:
+    """Mean over pixels of F(v; y; P) = cross-entropy of v @ P.T / tau against y.
+
+    feats: (N, D) unit vectors; y: (N,) int64 in [0, K); prototypes: (K, D) unit or all-zero
+    rows. All-zero rows (classes without a prototype) leave the softmax, and pixels whose label
+    has none leave the mean. Stable for small tau (log-softmax, never exp-then-log).
+    """
+    _check_contrast_inputs(feats, y, prototypes, tau)
+    logits = _masked_logits(feats @ prototypes.T, prototypes, tau)
+    keep = _valid_targets(y, prototypes)
+    per_pixel = F.cross_entropy(logits, y.clamp_min(0), reduction="none")
+    return _mean_or_zero(per_pixel, keep)
+
+
+def semi_hard_negatives(sim: Tensor, prototypes: Tensor, drop: int, keep: int) -> Tensor:
+    """Per pixel, the prototypes ranked drop..drop+keep by similarity (nearest first).
+
+    sim: (N, K) pixel-prototype similarities; prototypes: (K, D). Returns (N, keep') int64 with
+    keep' = min(keep, K - drop); missing prototypes rank last.
+    """
+    valid = prototypes.abs().sum(dim=1) > 0
+    ranked = sim.detach().masked_fill(~valid, float("-inf"))
+    depth = min(drop + keep, sim.shape[1])
+    return ranked.topk(depth, dim=1).indices[:, drop:]
+
+
+def hard_pixel_weights(
+    similarity: Tensor,
+    y: Tensor,
+    num_classes: int,
+    random_ratio: float,
+    rank_lo: float,
+    rank_hi: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """How many times each pixel enters its class's intra-view mean (0, 1 or 2).
+
+    Per class with n pixels: a random floor(random_ratio * n) of them, plus those whose
+    similarity rank (ascending, hardest first) lies in [floor(rank_lo * n), floor(rank_hi * n)).
+    A pixel in both sets counts twice, as the reference concatenates the two index lists.
+    similarity: (N,) similarity to the own prototype; y: (N,) labels in [0, num_classes).
+    Returns (N,) float weights.
+    """
+    n = y.shape[0]
+    counts = torch.bincount(y, minlength=num_classes)
+    start = counts.cumsum(0) - counts
+    n_own = counts[y].to(similarity.dtype)
+
+    def rank_within_class(key: Tensor) -> Tensor:
+        # Stable sort by key, then stable by class: positions inside each class block are ranks.
+        order = key.argsort(stable=True)
+        order = order[y[order].argsort(stable=True)]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n, device=y.device) - start[y[order]]
+        return rank
+
+    noise = torch.rand(n, generator=generator, device="cpu").to(y.device)
+    in_random = rank_within_class(noise) < torch.floor(random_ratio * n_own)
+    sim_rank = rank_within_class(similarity.detach())
+    in_window = (sim_rank >= torch.floor(rank_lo * n_own)) & (sim_rank < torch.floor(rank_hi * n_own))
+    return in_random.to(similarity.dtype) + in_window.to(similarity.dtype)
+
+
+def intra_view_contrast(
+    feats: Tensor,
+    y: Tensor,
+    prototypes: Tensor,
+    tau: float,
+    neg_drop: int,
+    neg_keep: int,
+    random_ratio: float,
+    rank_lo: float,
+    rank_hi: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Intra-view contrast with semi-hard prototype mining and hard pixel sampling.
+
+    feats: (N, D) unit vectors; y: (N,); prototypes: (K, D). The softmax runs over the positive
+    and the semi-hard negatives; the loss is the sampled-pixel mean per class, averaged over
+    classes with at least 2 pixels.
+    """
+    _check_contrast_inputs(feats, y, prototypes, tau)
+    k = prototypes.shape[0]
+    sim = feats @ prototypes.T  # (N, K)
+    neg = semi_hard_negatives(sim, prototypes, neg_drop, neg_keep)
+    pos = sim.gather(1, y[:, None])
+    logits = torch.cat([pos, _masked_logits(sim, prototypes, 1.0).gather(1, neg)], dim=1) / tau
+    per_pixel = -logits.log_softmax(dim=1)[:, 0]
+
+    weight = hard_pixel_weights(
+        (pos[:, 0] + 1) / 2, y, k, random_ratio, rank_lo, rank_hi, generator
+    ) * _valid_targets(y, prototypes)
+    counts = torch.bincount(y, minlength=k)
+    loss_sum = torch.zeros(k, dtype=per_pixel.dtype, device=y.device).index_add(
+        0, y, torch.where(weight > 0, per_pixel * weight, torch.zeros_like(per_pixel))
+    )
+    weight_sum = torch.zeros(k, dtype=weight.dtype, device=y.device).index_add(0, y, weight)
+    use = (counts >= 2) & (weight_sum > 0)
+    if not use.any():
+        return per_pixel.sum() * 0.0
+    return (loss_sum[use] / weight_sum[use]).mean()
+
+
+GatherFn = Callable[[Tensor], Tensor]
+
+
+class PPCLoss(torch.nn.Module):
+    """Cross-prototype, cross-CAM and intra-view contrast between two aligned views.
+
+    `gather` (optional) concatenates a tensor along dim 0 across data-parallel processes, so
+    prototypes come from the global batch exactly as one process holding all of it would.
+    """
+
+    def __init__(self, cfg: PPCConfig, gather: GatherFn | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gather = gather
+
+    def prototypes(self, cam: Tensor, feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Pseudo labels (B*H*W,) and prototypes (C+1, D) of one view."""
+        norm, y = pseudo_labels(cam, labels, self.cfg.bg_threshold)
+        rank = ranking_map(cam, norm, self.cfg.prototype_ranking)
+        top_k = top_k_for(cam.shape[2], cam.shape[3], self.cfg.top_k_ratio)
+        values, cand = topk_candidates(rank, feats, top_k)
+        if self.gather is not None:
+            values = self.gather(values.T.contiguous()).T
+            cand = self.gather(cand.transpose(0, 1).contiguous()).transpose(0, 1)
+        return y.reshape(-1), prototypes_from_candidates(values, cand, top_k)
+
+    def forward(
+        self,
+        feats_s: Tensor,
+        cam_s: Tensor,
+        feats_t: Tensor,
+        cam_t: Tensor,
+        labels: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Loss terms for a source and a target view on a common grid.
+
+        feats_*: (B, D, H, W) projector outputs; cam_*: (B, C+1, H, W) raw CAMs (the source ones
+        already aligned onto the target grid); labels: (B, C) multi-hot.
+        Returns the unweighted terms "cross_proto", "cross_cam", "intra" (each averaged over
+        the two directions/views) and their weighted sum "total".
+        """
+        if feats_s.shape != feats_t.shape or cam_s.shape != cam_t.shape:
+            raise ValueError(
+                f"views must share shapes: feats {tuple(feats_s.shape)} vs {tuple(feats_t.shape)}, "
+                f"cam {tuple(cam_s.shape)} vs {tuple(cam_t.shape)}"
+            )
+        if feats_s.shape[0] != cam_s.shape[0] or feats_s.shape[2:] != cam_s.shape[2:]:
+            raise ValueError(
+                f"feats {tuple(feats_s.shape)} and cam {tuple(cam_s.shape)} must share batch and grid"
+            )
+        _check_finite("feats_s", feats_s)
+        _check_finite("feats_t", feats_t)
+        c = self.cfg
+        y_s, p_s = self.prototypes(cam_s, feats_s, labels)
+        y_t, p_t = self.prototypes(cam_t, feats_t, labels)
+        v_s = F.normalize(_flatten_pixels(feats_s.float()), dim=1)
+        v_t = F.normalize(_flatten_pixels(feats_t.float()), dim=1)
+
+        cross_proto = (prototype_contrast(v_s, y_s, p_t, c.tau)
+                       + prototype_contrast(v_t, y_t, p_s, c.tau)) / 2
+        cross_cam = (prototype_contrast(v_s, y_t, p_s, c.tau)
+                     + prototype_contrast(v_t, y_s, p_t, c.tau)) / 2
+        neg_keep = max(1, round(c.neg_keep_ratio * p_s.shape[0]))
+        mining = (c.tau, c.neg_drop, neg_keep, c.hard_random_ratio, c.hard_rank_lo, c.hard_rank_hi)
+        intra = (intra_view_contrast(v_s, y_s, p_s, *mining, generator=generator)
+                 + intra_view_contrast(v_t, y_t, p_t, *mining, generator=generator)) / 2
+        total = c.w_cross_proto * cross_proto + c.w_cross_cam * cross_cam + c.w_intra * intra
+        return {"cross_proto": cross_proto, "cross_cam": cross_cam, "intra": intra, "total": total}

@@ -1,0 +1,83 @@
+"""The CAM-training objective: classification (+ SEAM terms) + the PPC regulariser.
+
+It returns a dict of named, already weighted loss terms; the loop sums and logs them under the
+same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ppc_core.data.views import align_to_target, target_view
+from ppc_core.losses import seam
+from ppc_core.losses.ppc import PPCLoss
+
+
+@dataclass
+class SEAMWeights:
+    er: float = 1.0
+    ecr: float = 1.0
+    min_pool: float = 1.0
+
+
+class Objective:
+    """Two views of each batch -> named loss terms.
+
+    ppc: the PPC loss or None for the baseline; seam_weights: None to leave SEAM's terms out.
+    The target view is the batch rescaled to `target_size` (optionally flipped), and every
+    source-view map is aligned onto the target's feature grid before the two are compared.
+    """
+
+    def __init__(
+        self,
+        ppc: PPCLoss | None,
+        target_size: int,
+        target_flip: bool = False,
+        seam_weights: SEAMWeights | None = None,
+    ) -> None:
+        self.ppc = ppc
+        self.target_size = target_size
+        self.target_flip = target_flip
+        self.seam_weights = seam_weights
+
+    def __call__(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        ppc_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """images: (B, 3, H, W); labels: (B, C) multi-hot -> {term name: weighted scalar}."""
+        src = model(images)
+        tgt = model(target_view(images, self.target_size, self.target_flip))
+        grid = tuple(tgt.cam.shape[2:])
+
+        def align(x: Tensor) -> Tensor:
+            return align_to_target(x, grid, self.target_flip)
+
+        terms = {"cls": (seam.classification_loss(src.cam, labels)
+                         + seam.classification_loss(tgt.cam, labels)) / 2}
+        cam_s, cam_t = align(src.cam), tgt.cam
+        w = self.seam_weights
+        if w is not None:
+            terms["er"] = w.er * seam.equivariant_reg(cam_s, cam_t, labels)
+            if src.cam_rv is not None:
+                rv_s, rv_t = align(src.cam_rv), tgt.cam_rv
+                terms["ecr"] = w.ecr * seam.equivariant_cross_reg(cam_s, cam_t, rv_s, rv_t, labels)
+                terms["min_pool"] = w.min_pool * (seam.min_pool_loss(src.cam_rv, labels)
+                                                  + seam.min_pool_loss(tgt.cam_rv, labels)) / 2
+        if self.ppc is not None and ppc_scale > 0:
+            # The reference builds prototypes and pseudo labels from the PCM-refined CAM.
+            if src.cam_rv is not None:
+                cam_s, cam_t = align(src.cam_rv), tgt.cam_rv
+            out = self.ppc(align(src.proj), cam_s, tgt.proj, cam_t, labels, generator)
+            c = self.ppc.cfg
+            weights = {"cross_proto": c.w_cross_proto, "cross_cam": c.w_cross_cam,
+                       "intra": c.w_intra}
+            for name, weight in weights.items():
+                terms[f"ppc_{name}"] = ppc_scale * weight * out[name]
+        return terms

@@ -212,3 +212,6 @@ def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+register_configs()  # importing the schema makes `run_schema` composable (Hydra, sweeps, tests)

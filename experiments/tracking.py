@@ -87,7 +87,7 @@ def finish_tracking(accelerator: Accelerator, out: Path, metrics: dict, result: 
 
     if grid is not None:
         run.log({"eval/overlays": wandb.Image(str(grid))}, step=metrics["step"])
-    summary = {k: v for k, v in metrics.items() if k != "history"}
+    summary = {k: v for k, v in metrics.items() if k not in ("history", "last_logs")}
     run.summary.update({f"final/{k}": v for k, v in summary.items()})
     art = wandb.Artifact(f"run-{run.id}", type="model", metadata=summary)
     art.add_file(str(out / "metrics.json"))

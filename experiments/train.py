@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from experiments.config import RunConfig, register_configs, to_run_config
+from experiments.config import RunConfig, to_run_config
 from experiments.tracking import finish_tracking, start_tracking
 from ppc_core.data import build_dataset, dataset_info
 from ppc_core.evaluate import EvalResult, evaluate
@@ -24,8 +24,6 @@ from ppc_core.losses.ppc import PPCLoss
 from ppc_core.models import build_model
 from ppc_core.objective import Objective, SEAMWeights
 from ppc_core.train import Reporter, Schedule, TrainResult, train
-
-register_configs()
 
 
 def _eval_loader(cfg: RunConfig) -> DataLoader:
@@ -42,7 +40,8 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
     out = Path(cfg.train.output_dir)
     t = cfg.train
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, cpu=t.cpu,
+        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+        cpu=t.cpu or not torch.cuda.is_available(),  # else torchrun on CPU starts N lone ranks
         log_with=cfg.track.trackers or None, project_dir=str(out),
     )
     set_seed(t.seed)
@@ -96,7 +95,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
 def _summarise(result: TrainResult) -> dict:
     return {"step": result.step, "stopped_early": result.stopped_early, **result.metrics,
             "best_cam_miou": max((h["cam_miou"] for h in result.history), default=float("nan")),
-            "history": result.history}
+            "history": result.history, "last_logs": result.last_logs}
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -108,7 +107,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
         reporter = make_reporter(run_cfg.trial.storage, run_cfg.trial.study, run_cfg.trial.number)
     metrics = run(run_cfg, reporter)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "last_logs")},
+                     indent=2))
 
 
 def main() -> None:

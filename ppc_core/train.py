@@ -54,6 +54,7 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    last_logs: dict[str, float] = field(default_factory=dict)
 
 
 class _Progress:
@@ -79,6 +80,7 @@ def _save(accelerator: Accelerator, output_dir: Path, step: int, keep: int = 2) 
     # Write beside, then rename: a run killed mid-save never leaves a half checkpoint as latest.
     final = output_dir / "checkpoints" / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)  # every rank writes its RNG state here
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -118,7 +120,7 @@ def train(
     batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers))
     bar = tqdm(total=s.steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
-    stop, seen, tic = False, 0, time.perf_counter()
+    stop, seen, tic, logs = False, 0, time.perf_counter(), {}
     model.train()
     while progress.step < s.steps and not stop:
         step = progress.step
@@ -173,4 +175,4 @@ def train(
     bar.close()
     last = progress.history[-1] if progress.history else {}
     return TrainResult(step=progress.step, metrics=last, history=list(progress.history),
-                       stopped_early=stop)
+                       stopped_early=stop, last_logs=logs)

@@ -16,10 +16,19 @@ class StepBatchSampler(Sampler[list[int]]):
     its contiguous share, so N processes together see what one process would see alone.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if num_items < batch_size:
-            raise ValueError(f"the data set has {num_items} items, fewer than batch_size={batch_size}")
+            raise ValueError(
+                f"the data set has {num_items} items, fewer than batch_size={batch_size}"
+            )
         if batch_size % world_size:
             raise ValueError(
                 f"batch_size={batch_size} must be divisible by the number of processes ({world_size})"
@@ -41,5 +50,5 @@ class StepBatchSampler(Sampler[list[int]]):
                 epoch = step // self.per_epoch
                 perm = self._permutation(epoch)
             lo = (step % self.per_epoch) * self.batch_size + self.rank * share
-            yield perm[lo:lo + share].tolist()
+            yield perm[lo : lo + share].tolist()
             step += 1

@@ -106,8 +106,10 @@ def apply_joint(
     image: (H, W, 3) uint8; mask: (H, W) uint8 -> image (3, H', W') float32 normalised,
     mask (H', W') int64.
     """
-    img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-    msk = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
+    img = tv_tensors.Image(
+        torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
+    )
+    msk = tv_tensors.Mask(torch.from_numpy(np.require(mask, requirements=["C", "W"])))
     img, msk = transform(img, msk)
     return img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor).long()
 

@@ -170,8 +170,17 @@ def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int) -> tuple[Tens
         )
     conf = _flatten_pixels(confidence).T  # (K, N)
     flat = _flatten_pixels(feats.detach().float())  # (N, D)
-    values, index = conf.topk(min(top_k, conf.shape[1]), dim=1)
+    values, index = _stable_topk(conf, top_k)
     return values, flat[index]
+
+
+def _stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    # Confidences tie often (e.g. background = 1 wherever no class fires). Ties go to the lowest
+    # index, so the candidates of N processes, concatenated in rank order, select the very
+    # pixels one process holding the whole batch would.
+    values, index = x.sort(dim=1, descending=True, stable=True)
+    k = min(k, x.shape[1])
+    return values[:, :k], index[:, :k]
 
 
 @torch.no_grad()
@@ -181,8 +190,7 @@ def prototypes_from_candidates(values: Tensor, cand: Tensor, top_k: int) -> Tens
     values: (K, M) confidences; cand: (K, M, D) features. Returns (K, D); a class whose weight
     sum is not positive gets an all-zero row (no prototype this batch).
     """
-    k = min(top_k, values.shape[1])
-    values, index = values.topk(k, dim=1)
+    values, index = _stable_topk(values, top_k)
     cand = cand.gather(1, index[:, :, None].expand(-1, -1, cand.shape[2]))
     weight = values.sum(dim=1, keepdim=True)
     proto = torch.einsum("km,kmd->kd", values, cand) / weight.clamp_min(1e-12)
@@ -278,7 +286,7 @@ def hard_pixel_weights(
     n = y.shape[0]
     counts = torch.bincount(y, minlength=num_classes)
     start = counts.cumsum(0) - counts
-    n_own = counts[y].to(similarity.dtype)
+    n_own = counts[y].double()  # float32 floors 0.65 * 180 to 116
 
     def rank_within_class(key: Tensor) -> Tensor:
         # Stable sort by key, then stable by class: positions inside each class block are ranks.

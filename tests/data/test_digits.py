@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from ppc_core.data import build_dataset, dataset_info
 from ppc_core.data.digits import (
+    MIN_VISIBLE,
     NUM_CLASSES,
     DigitsDataset,
     cache_path,
@@ -56,6 +57,15 @@ def test_labels_agree_with_masks(train_arrays):
     per_image = labels.sum(1)
     assert per_image.min() >= 1 and per_image.max() <= 3
     assert len(set(per_image.tolist())) > 1
+
+
+def test_occluded_digits_are_ignored_and_unlabelled():
+    # digits as large as the canvas overlap heavily, so some are nearly hidden by later ones
+    arrays = generate_digits("train", 64, canvas=16, seed=0, digit_scale=(1.0, 1.0))
+    counts = np.stack([np.bincount(m.ravel(), minlength=256) for m in arrays.masks])
+    fg_counts = counts[:, 1 : NUM_CLASSES + 1]
+    np.testing.assert_array_equal(fg_counts > 0, arrays.labels.astype(bool))
+    assert fg_counts[fg_counts > 0].min() >= MIN_VISIBLE
 
 
 def test_digits_stand_out_from_a_textured_background(train_arrays):

@@ -1,0 +1,203 @@
+"""Trial -> Hydra overrides -> validated RunConfig -> training on n seeds -> objective value.
+
+The objective is the **final** CAM mIoU (the last evaluation), averaged over seeds: the model a
+sweep hands over is the one at the end of training, and the best-over-evaluations value would
+select on the evaluation split twice. The best-over-evaluations mean, the per-seed values and
+their spread are kept as user attributes.
+
+Each trial writes to `<root>/<study>/trial_<number>/seed_<seed>/`. A trial re-queued after its
+worker died (heartbeat) reuses the original trial's directory, so training resumes from its
+last checkpoint. Seeds run one after another; seed i reports its evaluation steps shifted by
+i x train.steps, so the pruner sees one increasing curve per trial.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from experiments.config import RunConfig, register_configs, to_run_config
+from ppc_core.train import latest_checkpoint
+from sweeps.space import format_value
+from sweeps.storage import retried_from
+from sweeps.study import METRIC, Recipe
+from sweeps.trial_reporter import STEP_OFFSET_ENV
+
+LAUNCHERS = ("inprocess", "torchrun", "accelerate")
+
+
+def compose_config(preset: str, overrides: list[str]) -> RunConfig:
+    """The training entry point's config with `preset` and `overrides`, validated."""
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_module("experiments.conf", version_base=None):
+        cfg = compose("config", overrides=[f"preset={preset}", *overrides])
+    return to_run_config(cfg)
+
+
+@dataclass
+class TrialRunner:
+    """The objective function of one sweep worker."""
+
+    study_name: str
+    storage_url: str
+    root: Path
+    recipe: Recipe
+    launcher: str = "inprocess"
+    num_processes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"--launcher must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
+        if self.num_processes < 1:
+            raise ValueError(f"--num-processes must be >= 1, got {self.num_processes}")
+        if self.launcher == "inprocess" and self.num_processes != 1:
+            raise ValueError("--launcher inprocess runs one process; use torchrun or accelerate "
+                             "for --num-processes > 1")
+        self.space = self.recipe.parsed_space()
+        self.multi = self.recipe.multi_objective
+        if self.launcher == "inprocess":  # heavy (accelerate, data): import once, outside timings
+            from experiments.train import run
+
+            self._train = run
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        try:
+            return self._run(trial)
+        except optuna.TrialPruned:
+            raise
+        except BaseException as err:  # recorded, then Optuna marks the trial FAIL
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
+            raise
+
+    def trial_dir(self, trial: optuna.Trial) -> Path:
+        attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
+        origin = retried_from(attrs)
+        return self.root / self.study_name / f"trial_{trial.number if origin is None else origin}"
+
+    def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        sampled = self.space.sample(trial)
+        out = self.trial_dir(trial)
+        trial.set_user_attr("output_dir", str(out))
+        finals, bests, seconds, dirs = [], [], [], []
+        for i in range(self.recipe.seeds):
+            seed = self.recipe.base_seed + i
+            run_dir = out / f"seed_{seed}"
+            overrides = [
+                *self.recipe.overrides, *self.space.overrides(sampled),
+                f"train.seed={seed}", f"train.output_dir={format_value(str(run_dir))}",
+                f"track.group={format_value(self.study_name)}",
+                f"track.run_name=trial-{trial.number}-seed-{seed}",
+                f"track.tags=[sweep,trial-{trial.number}]",
+                f"trial.study={format_value(self.study_name)}", f"trial.number={trial.number}",
+            ]
+            cfg = compose_config(self.recipe.preset, overrides)
+            offset = i * cfg.train.steps
+            tic = time.perf_counter()
+            if self.launcher == "inprocess":
+                metrics = self._inprocess(cfg, trial, offset)
+            else:
+                metrics = self._subprocess(overrides, run_dir, trial, offset)
+            seconds.append(time.perf_counter() - tic)
+            trial.set_user_attr("train_seconds", sum(seconds))
+            # A stop decided at the last evaluation saved nothing: the run is complete.
+            if metrics.get("stopped_early") and metrics.get("step", 0) < cfg.train.steps:
+                raise optuna.TrialPruned(f"pruned at step {metrics.get('step')} of seed {seed}")
+            finals.append(float(metrics[METRIC]))
+            bests.append(float(metrics.get("best_cam_miou", math.nan)))
+            dirs.append(run_dir)
+        value = statistics.fmean(finals)
+        best_run = dirs[max(range(len(finals)), key=lambda k: finals[k])]
+        ckpt = latest_checkpoint(best_run)
+        for key, v in {
+            "cam_miou_per_seed": finals, "cam_miou_std": statistics.pstdev(finals),
+            "best_cam_miou_mean": statistics.fmean(bests), "best_run_dir": str(best_run),
+            "checkpoint_dir": str(ckpt) if ckpt else "", "seconds_per_seed": seconds,
+        }.items():
+            trial.set_user_attr(key, v)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{METRIC} is not finite: {finals}")
+        return (value, statistics.fmean(seconds)) if self.multi else value
+
+    # ------------------------------------------------------------------ launchers
+
+    def _reporter(self, trial: optuna.Trial, offset: int):
+        def report(step: int, metrics: dict[str, float]) -> bool:
+            value = float(metrics.get(METRIC, math.nan))
+            if self.multi or not math.isfinite(value):
+                return False
+            trial.report(value, step + offset)
+            return trial.should_prune()
+
+        return report
+
+    def _inprocess(self, cfg: RunConfig, trial: optuna.Trial, offset: int) -> dict:
+        return self._train(cfg, self._reporter(trial, offset))
+
+    def command(self, overrides: list[str]) -> list[str]:
+        n = str(self.num_processes)
+        if self.launcher == "torchrun":
+            head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", n]
+        else:
+            head = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                    "--num_processes", n, "--main_process_port", str(_free_port())]
+        extra = []
+        if not torch.cuda.is_available() and not any(o.startswith("train.cpu=") for o in overrides):
+            # Without cpu=True, Accelerate on a GPU-less machine ignores torchrun's world and
+            # each rank trains alone (all of them "rank 0", racing on the same checkpoints).
+            extra.append("train.cpu=true")
+        return [*head, "-m", "experiments.train", f"preset={self.recipe.preset}", *overrides,
+                *extra, f"trial.storage={format_value(self.storage_url)}"]
+
+    def _subprocess(self, overrides: list[str], run_dir: Path, trial: optuna.Trial,
+                    offset: int) -> dict:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").unlink(missing_ok=True)
+        env = {**os.environ, STEP_OFFSET_ENV: str(offset), "PYTHONUNBUFFERED": "1"}
+        env.setdefault("OMP_NUM_THREADS", "1")  # one thread per CPU rank, or ranks fight
+        log = run_dir / "launcher.log"
+        with open(log, "ab") as sink:
+            proc = subprocess.Popen(self.command(overrides), stdout=sink,
+                                    stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+            try:
+                rc = proc.wait()
+            except BaseException:  # Ctrl-C or an error here: never leave ranks behind
+                proc.terminate()
+                proc.wait()
+                raise
+        if rc != 0:
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(f"{self.launcher} exited with {rc}; end of {log}:\n"
+                               + "\n".join(tail))
+        return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # A SIGKILLed sweep worker must not leave its training ranks running (Linux only).
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass

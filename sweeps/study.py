@@ -1,0 +1,136 @@
+"""Create and load studies. A study stores its own recipe (space, sampler, pruner, preset,
+seeds, overrides) as user attributes, so every worker that joins it runs the same sweep.
+
+Create a study once (`ppc-sweep create`) before starting parallel workers: two workers creating
+the same study on a fresh database race on the schema.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import optuna
+
+from sweeps.space import Space, parse_space
+from sweeps.storage import open_storage
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")
+PRUNERS = ("median", "hyperband", "none")
+METRIC = "cam_miou"
+# Multi-objective: final CAM mIoU (maximise) and training seconds per seed (minimise).
+OBJECTIVES = {False: ("maximize",), True: ("maximize", "minimize")}
+_RECIPE_KEY = "ppc_sweep"
+
+
+@dataclass
+class Recipe:
+    """Everything a worker needs besides the storage URL."""
+
+    space: dict
+    sampler: str = "tpe"
+    pruner: str = "median"
+    multi_objective: bool = False
+    preset: str = "digits"
+    seeds: int = 1
+    base_seed: int = 0
+    overrides: list[str] = field(default_factory=list)
+    sampler_seed: int | None = None
+    prune_startup_trials: int = 2
+    prune_warmup_steps: int = 0
+
+    def parsed_space(self) -> Space:
+        return parse_space(self.space, "<study space>")
+
+    def check(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"--pruner must be one of {list(PRUNERS)}, got {self.pruner!r}")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.sampler == "cmaes" and importlib.util.find_spec("cmaes") is None:
+            raise ValueError("--sampler cmaes needs the `cmaes` package (pip install cmaes)")
+        if self.sampler == "cmaes" and self.multi_objective:
+            raise ValueError("--sampler cmaes is single-objective; use tpe, random, grid or gp")
+        if self.multi_objective and self.pruner != "none":
+            raise ValueError("--multi-objective cannot prune (Optuna reports are single-objective);"
+                             " use --pruner none")
+        space = self.parsed_space()
+        if self.sampler == "grid":
+            space.grid()  # raises for conditional or continuous dimensions
+        clash = {o.split("=", 1)[0].lstrip("+~") for o in self.overrides} & space.fields()
+        if clash:
+            raise ValueError(f"overrides {sorted(clash)} are also dimensions or fixed values of the"
+                             " space; drop them from the command line or from the space")
+
+
+def make_sampler(recipe: Recipe, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    seed = recipe.sampler_seed if seed is None else seed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if recipe.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if recipe.sampler == "grid":
+            return optuna.samplers.GridSampler(recipe.parsed_space().grid(), seed=seed)
+        if recipe.sampler == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        if recipe.sampler == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        # multivariate + group model conditional spaces; constant_liar keeps parallel workers
+        # from proposing the same point while the first is still running.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          constant_liar=True, n_startup_trials=5)
+
+
+def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
+    if recipe.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=recipe.prune_startup_trials,
+                                           n_warmup_steps=recipe.prune_warmup_steps)
+    if recipe.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def create(name: str, storage_url: str, recipe: Recipe, heartbeat: int | None = None,
+           exist_ok: bool = False) -> optuna.Study:
+    """Create study `name` with `recipe` (validated first); `exist_ok` loads a matching one."""
+    recipe.check()
+    storage = open_storage(storage_url, heartbeat)
+    directions = list(OBJECTIVES[recipe.multi_objective])
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions,
+                                    sampler=make_sampler(recipe), pruner=make_pruner(recipe))
+    except optuna.exceptions.DuplicatedStudyError:
+        if not exist_ok:
+            raise ValueError(f"study {name!r} already exists in {storage_url}; use `ppc-sweep run`"
+                             " to add trials, or another --study name") from None
+        return load(name, storage_url, heartbeat)[0]
+    study.set_user_attr(_RECIPE_KEY, asdict(recipe))
+    study.set_user_attr("metric", METRIC)
+    return study
+
+
+def load(name: str, storage_url: str, heartbeat: int | None = None, grace: int | None = None,
+         sampler_seed: int | None = None) -> tuple[optuna.Study, Recipe]:
+    """Load study `name` and its recipe, with the sampler and pruner the recipe names."""
+    storage = open_storage(storage_url, heartbeat, grace)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise ValueError(f"no study {name!r} in {storage_url}; studies there: {names}. "
+                         "Create it first: ppc-sweep create --study NAME ...") from None
+    attrs = study.user_attrs.get(_RECIPE_KEY)
+    if attrs is None:
+        raise ValueError(f"study {name!r} was not created by ppc-sweep (no recipe attribute)")
+    recipe = Recipe(**attrs)
+    study.sampler = make_sampler(recipe, sampler_seed)
+    study.pruner = make_pruner(recipe)
+    return study, recipe
+
+
+def exists(name: str, storage_url: str) -> bool:
+    storage = open_storage(storage_url, heartbeat=None)
+    return any(s.study_name == name for s in optuna.get_all_study_summaries(storage))

@@ -76,7 +76,10 @@ def reference_prototypes(rank: Tensor, feats: Tensor, top_k: int) -> tuple[Tenso
     d = feats.shape[1]
     fea = feats.detach().float().permute(0, 2, 3, 1).reshape(-1, d)
     flat_rank = rank.transpose(0, 1).reshape(c, -1)
-    top_values, top_indices = torch.topk(flat_rank, k=min(top_k, flat_rank.shape[1]), dim=-1)
+    # Ties go to the lowest pixel index (PPCLoss's rule, so data-parallel runs agree); the
+    # reference's topk breaks them arbitrarily.
+    top_values, top_indices = flat_rank.sort(dim=-1, descending=True, stable=True)
+    top_values, top_indices = top_values[:, :top_k], top_indices[:, :top_k]
     prototypes = torch.zeros(c, d)
     for i in range(c):
         weight = torch.sum(top_values[i])

@@ -74,7 +74,8 @@ def _check_unit_interval(name: str, value: float) -> None:
 
 
 def _check_finite(name: str, x: Tensor) -> None:
-    if not torch.isfinite(x).all():
+    # One reduction instead of an elementwise test: NaN or inf anywhere makes the sum non-finite.
+    if not torch.isfinite(x.detach().sum()):
         raise ValueError(f"{name} contains NaN or inf values")
 
 
@@ -175,12 +176,19 @@ def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int) -> tuple[Tens
 
 
 def _stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    # Confidences tie often (e.g. background = 1 wherever no class fires). Ties go to the lowest
-    # index, so the candidates of N processes, concatenated in rank order, select the very
-    # pixels one process holding the whole batch would.
-    values, index = x.sort(dim=1, descending=True, stable=True)
+    """Each row's k largest entries, ties at the k-th value going to the lowest indices.
+
+    Confidences tie often (background = 1 wherever no class fires). With this rule the
+    candidates of N processes, concatenated in rank order, select the very pixels one process
+    holding the whole batch would. x: (K, M) -> values, indices (K, k) in ascending index order.
+    """
     k = min(k, x.shape[1])
-    return values[:, :k], index[:, :k]
+    kth = x.topk(k, dim=1).values[:, -1:]
+    above, tie = x > kth, x == kth
+    need = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (tie & (tie.cumsum(dim=1) <= need))
+    index = chosen.nonzero()[:, 1].view(x.shape[0], k)
+    return x.gather(1, index), index
 
 
 @torch.no_grad()
@@ -210,13 +218,13 @@ def estimate_prototypes(norm_cam: Tensor, feats: Tensor, top_k: int) -> Tensor:
     return prototypes_from_candidates(*topk_candidates(norm_cam, feats, top_k), top_k)
 
 
-def _masked_logits(sim: Tensor, prototypes: Tensor, tau: float) -> Tensor:
-    valid = prototypes.abs().sum(dim=1) > 0
-    return (sim / tau).masked_fill(~valid, float("-inf"))
+def _has_prototype(prototypes: Tensor) -> Tensor:
+    """(K,) bool: rows that are prototypes, not the all-zero placeholder of an empty class."""
+    return prototypes.abs().sum(dim=1) > 0
 
 
-def _valid_targets(y: Tensor, prototypes: Tensor) -> Tensor:
-    return prototypes.abs().sum(dim=1)[y] > 0
+def _masked(sim: Tensor, valid: Tensor) -> Tensor:
+    return sim if bool(valid.all()) else sim.masked_fill(~valid, float("-inf"))
 
 
 def _check_contrast_inputs(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float) -> None:
@@ -248,10 +256,13 @@ def prototype_contrast(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float)
     has none leave the mean. Stable for small tau (log-softmax, never exp-then-log).
     """
     _check_contrast_inputs(feats, y, prototypes, tau)
-    logits = _masked_logits(feats @ prototypes.T, prototypes, tau)
-    keep = _valid_targets(y, prototypes)
-    per_pixel = F.cross_entropy(logits, y.clamp_min(0), reduction="none")
-    return _mean_or_zero(per_pixel, keep)
+    return _contrast_from_sim(feats @ prototypes.T, y, _has_prototype(prototypes), tau)
+
+
+def _contrast_from_sim(sim: Tensor, y: Tensor, valid: Tensor, tau: float) -> Tensor:
+    """`prototype_contrast` given sim = feats @ prototypes.T (N, K) and valid (K,) rows."""
+    per_pixel = F.cross_entropy(_masked(sim, valid) / tau, y, reduction="none")
+    return _mean_or_zero(per_pixel, valid[y])
 
 
 def semi_hard_negatives(sim: Tensor, prototypes: Tensor, drop: int, keep: int) -> Tensor:
@@ -260,10 +271,12 @@ def semi_hard_negatives(sim: Tensor, prototypes: Tensor, drop: int, keep: int) -
     sim: (N, K) pixel-prototype similarities; prototypes: (K, D). Returns (N, keep') int64 with
     keep' = min(keep, K - drop); missing prototypes rank last.
     """
-    valid = prototypes.abs().sum(dim=1) > 0
-    ranked = sim.detach().masked_fill(~valid, float("-inf"))
+    return _semi_hard(sim, _has_prototype(prototypes), drop, keep)
+
+
+def _semi_hard(sim: Tensor, valid: Tensor, drop: int, keep: int) -> Tensor:
     depth = min(drop + keep, sim.shape[1])
-    return ranked.topk(depth, dim=1).indices[:, drop:]
+    return _masked(sim.detach(), valid).topk(depth, dim=1).indices[:, drop:]
 
 
 def hard_pixel_weights(
@@ -289,9 +302,9 @@ def hard_pixel_weights(
     n_own = counts[y].double()  # float32 floors 0.65 * 180 to 116
 
     def rank_within_class(key: Tensor) -> Tensor:
-        # Stable sort by key, then stable by class: positions inside each class block are ranks.
-        order = key.argsort(stable=True)
-        order = order[y[order].argsort(stable=True)]
+        # One sort of class + key (key in [0, 1], float64 keeps its order): positions inside
+        # each class block are the ranks.
+        order = (y.double() * 2 + key.double()).argsort(stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(n, device=y.device) - start[y[order]]
         return rank
@@ -322,16 +335,33 @@ def intra_view_contrast(
     classes with at least 2 pixels.
     """
     _check_contrast_inputs(feats, y, prototypes, tau)
-    k = prototypes.shape[0]
-    sim = feats @ prototypes.T  # (N, K)
-    neg = semi_hard_negatives(sim, prototypes, neg_drop, neg_keep)
+    return _intra_from_sim(feats @ prototypes.T, y, _has_prototype(prototypes), tau, neg_drop,
+                           neg_keep, random_ratio, rank_lo, rank_hi, generator)
+
+
+def _intra_from_sim(
+    sim: Tensor,
+    y: Tensor,
+    valid: Tensor,
+    tau: float,
+    neg_drop: int,
+    neg_keep: int,
+    random_ratio: float,
+    rank_lo: float,
+    rank_hi: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """`intra_view_contrast` given sim = feats @ prototypes.T (N, K) and valid (K,) rows."""
+    k = sim.shape[1]
+    masked = _masked(sim, valid)
+    neg = _semi_hard(masked, valid, neg_drop, neg_keep)
     pos = sim.gather(1, y[:, None])
-    logits = torch.cat([pos, _masked_logits(sim, prototypes, 1.0).gather(1, neg)], dim=1) / tau
+    logits = torch.cat([pos, masked.gather(1, neg)], dim=1) / tau
     per_pixel = -logits.log_softmax(dim=1)[:, 0]
 
     weight = hard_pixel_weights(
         (pos[:, 0] + 1) / 2, y, k, random_ratio, rank_lo, rank_hi, generator
-    ) * _valid_targets(y, prototypes)
+    ) * valid[y]
     counts = torch.bincount(y, minlength=k)
     loss_sum = torch.zeros(k, dtype=per_pixel.dtype, device=y.device).index_add(
         0, y, torch.where(weight > 0, per_pixel * weight, torch.zeros_like(per_pixel))
@@ -401,14 +431,20 @@ class PPCLoss(torch.nn.Module):
         y_t, p_t = self.prototypes(cam_t, feats_t, labels)
         v_s = F.normalize(_flatten_pixels(feats_s.float()), dim=1)
         v_t = F.normalize(_flatten_pixels(feats_t.float()), dim=1)
+        # Every term needs one of four similarity maps: two matmuls against both prototype sets.
+        k = p_s.shape[0]
+        both = torch.cat([p_s, p_t]).T
+        sim_s, sim_t = v_s @ both, v_t @ both
+        ss, st, ts, tt = sim_s[:, :k], sim_s[:, k:], sim_t[:, :k], sim_t[:, k:]
+        ok_s, ok_t = _has_prototype(p_s), _has_prototype(p_t)
 
-        cross_proto = (prototype_contrast(v_s, y_s, p_t, c.tau)
-                       + prototype_contrast(v_t, y_t, p_s, c.tau)) / 2
-        cross_cam = (prototype_contrast(v_s, y_t, p_s, c.tau)
-                     + prototype_contrast(v_t, y_s, p_t, c.tau)) / 2
-        neg_keep = max(1, round(c.neg_keep_ratio * p_s.shape[0]))
+        cross_proto = (_contrast_from_sim(st, y_s, ok_t, c.tau)
+                       + _contrast_from_sim(ts, y_t, ok_s, c.tau)) / 2
+        cross_cam = (_contrast_from_sim(ss, y_t, ok_s, c.tau)
+                     + _contrast_from_sim(tt, y_s, ok_t, c.tau)) / 2
+        neg_keep = max(1, round(c.neg_keep_ratio * k))
         mining = (c.tau, c.neg_drop, neg_keep, c.hard_random_ratio, c.hard_rank_lo, c.hard_rank_hi)
-        intra = (intra_view_contrast(v_s, y_s, p_s, *mining, generator=generator)
-                 + intra_view_contrast(v_t, y_t, p_t, *mining, generator=generator)) / 2
+        intra = (_intra_from_sim(ss, y_s, ok_s, *mining, generator)
+                 + _intra_from_sim(tt, y_t, ok_t, *mining, generator)) / 2
         total = c.w_cross_proto * cross_proto + c.w_cross_cam * cross_cam + c.w_intra * intra
         return {"cross_proto": cross_proto, "cross_cam": cross_cam, "intra": intra, "total": total}

@@ -10,8 +10,8 @@ from ppc_core.losses.ppc import (
     estimate_prototypes,
     hard_pixel_weights,
     intra_view_contrast,
-    pseudo_labels,
     prototype_contrast,
+    pseudo_labels,
     semi_hard_negatives,
     top_k_for,
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -43,6 +43,8 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
         cpu=t.cpu or not torch.cuda.is_available(),  # else torchrun on CPU starts N lone ranks
         log_with=cfg.track.trackers or None, project_dir=str(out),
+        # Before PPC starts (and without SEAM) the projector / PCM get no gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(t.seed)
     info = dataset_info(cfg.data.name)

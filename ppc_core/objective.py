@@ -52,8 +52,10 @@ class Objective:
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """images: (B, 3, H, W); labels: (B, C) multi-hot -> {term name: weighted scalar}."""
-        src = model(images)
-        tgt = model(target_view(images, self.target_size, self.target_flip))
+        use_ppc = self.ppc is not None and ppc_scale > 0
+        need = {"project": use_ppc, "refine": use_ppc or self.seam_weights is not None}
+        src = model(images, **need)
+        tgt = model(target_view(images, self.target_size, self.target_flip), **need)
         grid = tuple(tgt.cam.shape[2:])
 
         def align(x: Tensor) -> Tensor:
@@ -70,7 +72,7 @@ class Objective:
                 terms["ecr"] = w.ecr * seam.equivariant_cross_reg(cam_s, cam_t, rv_s, rv_t, labels)
                 terms["min_pool"] = w.min_pool * (seam.min_pool_loss(src.cam_rv, labels)
                                                   + seam.min_pool_loss(tgt.cam_rv, labels)) / 2
-        if self.ppc is not None and ppc_scale > 0:
+        if use_ppc:
             # The reference builds prototypes and pseudo labels from the PCM-refined CAM.
             if src.cam_rv is not None:
                 cam_s, cam_t = align(src.cam_rv), tgt.cam_rv

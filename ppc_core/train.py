@@ -72,7 +72,8 @@ class _Progress:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = sorted(Path(output_dir, "checkpoints").glob("step_*"))
+    ckpts = sorted(p for p in Path(output_dir, "checkpoints").glob("step_*")
+                   if not p.name.endswith(".tmp"))  # a save cut short by a kill
     return ckpts[-1] if ckpts else None
 
 
@@ -164,6 +165,8 @@ def train(
             if accelerator.is_main_process:
                 metrics = {"step": step, **evaluate(accelerator.unwrap_model(model))}
                 progress.history.append(metrics)
+                bar.write(f"step {step}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "step"},
                                 step=step)
                 decision = [metrics, bool(reporter and reporter(step, metrics))]

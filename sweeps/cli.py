@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: the running trial was recorded FAIL (its checkpoints stay); "
-              "the study is consistent. Resume with the same command.", file=sys.stderr)
+              "the study is consistent. Run the same command to continue the sweep.", file=sys.stderr)
         return 130
 
 

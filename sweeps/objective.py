@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
@@ -158,13 +157,8 @@ class TrialRunner:
         else:
             head = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                     "--num_processes", n, "--main_process_port", str(_free_port())]
-        extra = []
-        if not torch.cuda.is_available() and not any(o.startswith("train.cpu=") for o in overrides):
-            # Without cpu=True, Accelerate on a GPU-less machine ignores torchrun's world and
-            # each rank trains alone (all of them "rank 0", racing on the same checkpoints).
-            extra.append("train.cpu=true")
         return [*head, "-m", "experiments.train", f"preset={self.recipe.preset}", *overrides,
-                *extra, f"trial.storage={format_value(self.storage_url)}"]
+                f"trial.storage={format_value(self.storage_url)}"]
 
     def _subprocess(self, overrides: list[str], run_dir: Path, trial: optuna.Trial,
                     offset: int) -> dict:

@@ -14,12 +14,12 @@ from ppc_core.models.pcm import PCM, pcm_seed
 @dataclass
 class CAMOutput:
     """cam: (B, C+1, h, w) raw class scores, channel 0 = background (raw value unused downstream)
-    proj: (B, D, h, w) projector output after ReLU, not L2-normalised
-    cam_rv: (B, C+1, h, w) PCM-refined CAM, or None without PCM
+    proj: (B, D, h, w) projector output after ReLU, not L2-normalised (None if not asked for)
+    cam_rv: (B, C+1, h, w) PCM-refined CAM, or None without PCM (or if not asked for)
     """
 
     cam: Tensor
-    proj: Tensor
+    proj: Tensor | None
     cam_rv: Tensor | None = None
 
 
@@ -42,12 +42,18 @@ class CAMNet(nn.Module):
         nn.init.xavier_uniform_(self.projector.weight)
         self.pcm = PCM(backbone.low_channels) if pcm else None
 
-    def forward(self, x: Tensor) -> CAMOutput:
-        """x: (B, 3, H, W) normalised images -> CAMOutput on the stride-`output_stride` grid."""
+    def forward(self, x: Tensor, project: bool = True, refine: bool = True) -> CAMOutput:
+        """x: (B, 3, H, W) normalised images -> CAMOutput on the stride-`output_stride` grid.
+
+        project / refine: compute the projector / PCM outputs (else None). Under DDP every
+        output must feed the loss, so a step that does not use one must not compute it.
+        """
         feats = self.backbone(x)
         cam = self.cam_head(feats.fea)
-        proj = F.relu(self.projector(feats.fea))
-        cam_rv = self.pcm(pcm_seed(cam), feats.low, x) if self.pcm is not None else None
+        proj = F.relu(self.projector(feats.fea)) if project else None
+        cam_rv = None
+        if refine and self.pcm is not None:
+            cam_rv = self.pcm(pcm_seed(cam), feats.low, x)
         return CAMOutput(cam=cam, proj=proj, cam_rv=cam_rv)
 
     def param_groups(self, weight_decay: float) -> list[dict]:

@@ -51,6 +51,7 @@ class ModelConfig:
     proj_dim: int = 128
     pcm: bool = False  # SEAM's pixel correlation module
     pretrained: str = ""  # "" random init | local state-dict path | "torchvision" (online)
+    freeze_bn: bool = False  # keep pretrained BatchNorm statistics, as the reference does
 
     def check(self) -> None:
         _one_of("backbone", self.backbone, ("cnn4", "resnet18", "resnet34", "resnet50", "resnet101"))
@@ -60,12 +61,18 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # sgd (the reference) | adamw
     lr: float = 0.01
-    momentum: float = 0.9  # the reference passes weight decay here by mistake (0.0005)
+    momentum: float = 0.9  # SGD; the reference passes weight decay here by mistake (0.0005)
     weight_decay: float = 5e-4
     poly_power: float = 0.9
+    # LR multipliers of backbone weights, backbone biases, new-layer weights, new-layer biases.
+    group_lr_mults: list[float] = field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])
 
     def check(self) -> None:
+        _one_of("name", self.name, ("sgd", "adamw"))
+        if len(self.group_lr_mults) != 4 or any(m <= 0 for m in self.group_lr_mults):
+            raise ConfigError(f"group_lr_mults must be 4 numbers > 0, got {self.group_lr_mults}")
         _positive("lr", self.lr)
         _in_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
         _at_least("weight_decay", self.weight_decay, 0.0)

@@ -23,6 +23,7 @@ from ppc_core.evaluate import EvalResult, evaluate
 from ppc_core.losses.ppc import PPCLoss
 from ppc_core.models import build_model
 from ppc_core.objective import Objective, SEAMWeights
+from ppc_core.optim import build_optimizer
 from ppc_core.train import Reporter, Schedule, TrainResult, train
 
 
@@ -52,9 +53,10 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
     train_set = build_dataset(d.name, d.train_split, True, d.crop_size, d.root,
                               num_images=d.num_images)
     model = build_model(m.backbone, info.num_classes, m.output_stride, m.proj_dim, m.pcm,
-                        m.pretrained)
-    optimizer = torch.optim.SGD(model.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                momentum=cfg.optim.momentum)
+                        m.pretrained, m.freeze_bn)
+    o = cfg.optim
+    optimizer = build_optimizer(model.param_groups(o.weight_decay), o.name, o.lr, o.momentum,
+                                o.group_lr_mults)
     gather = accelerator.gather if accelerator.num_processes > 1 else None
     seam = SEAMWeights(cfg.loss.w_er, cfg.loss.w_ecr, cfg.loss.w_min_pool) if cfg.loss.seam else None
     objective = Objective(PPCLoss(cfg.ppc, gather) if cfg.loss.use_ppc else None,

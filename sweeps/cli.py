@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=480.0,
                    help="seconds for the whole demo, report included")
     p.add_argument("--no-wandb", action="store_true", help="no W&B runs (trials or summary)")
+    # Digits CAMs start to localise after ~400 steps: pruning earlier compares noise.
+    p.set_defaults(prune_warmup_steps=400, prune_startup_trials=3)
     return parser
 
 

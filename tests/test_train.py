@@ -49,6 +49,14 @@ def test_baseline_has_no_ppc_terms_and_late_start_skips_them(tmp_path):
     assert late["last_logs"]["ppc_scale"] == 0.0
 
 
+def test_bf16_mixed_precision_runs_finite(tmp_path):
+    # bf16 autocast is slow on CPU: a correctness check, two steps.
+    metrics = run(_cfg(*tiny_overrides(tmp_path / "bf16", "train.mixed_precision=bf16",
+                                       "train.steps=2", "eval.every=2")))
+    assert all(math.isfinite(v) for k, v in metrics["last_logs"].items() if k.startswith("loss/"))
+    assert metrics["last_logs"]["loss/ppc_intra"] > 0
+
+
 def _train_cmd(out: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "experiments.train",
             *tiny_overrides(out, f"train.steps={steps}", "eval.every=4", "train.checkpoint_every=4")]

@@ -36,6 +36,9 @@ CLASS_NAMES = tuple(str(d) for d in range(NUM_CLASSES))
 SPLITS = {"train": 0, "val": 1}
 DEFAULT_NUM_IMAGES = {"train": 2000, "val": 200}
 DEFAULT_CANVAS = 64
+# Digits of 40-60% of the canvas: a from-scratch CNN learns CAMs in a few hundred steps (at
+# 25-50% it needed about 2,000).
+DEFAULT_DIGIT_SCALE = (0.4, 0.6)
 FG_ALPHA = 0.5
 IGNORE_ALPHA = 0.25
 MIN_VISIBLE = 8
@@ -119,7 +122,7 @@ def generate_digits(
     canvas: int = DEFAULT_CANVAS,
     seed: int = 0,
     max_digits: int = 3,
-    digit_scale: tuple[float, float] = (0.25, 0.5),
+    digit_scale: tuple[float, float] = DEFAULT_DIGIT_SCALE,
     noise_std: float = 8.0,
     bg_contrast: float = 0.5,
 ) -> DigitsArrays:
@@ -234,7 +237,7 @@ def load_digits_split(
     seed: int = 0,
     root: str | os.PathLike | None = None,
     max_digits: int = 3,
-    digit_scale: tuple[float, float] = (0.25, 0.5),
+    digit_scale: tuple[float, float] = DEFAULT_DIGIT_SCALE,
     noise_std: float = 8.0,
     bg_contrast: float = 0.5,
 ) -> DigitsArrays:

@@ -154,6 +154,19 @@ def _flatten_pixels(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
+def _pixel_logits(feats: Tensor, scaled_prototypes: Tensor) -> Tensor:
+    """Cosine similarity of every pixel to every prototype, times 1/tau.
+
+    feats: (B, D, H, W) raw projector output; scaled_prototypes: (K, D) = prototypes / tau.
+    Returns (B*H*W, K). A 1x1 convolution and a division by each pixel's norm give what
+    normalising an (N, D) copy of the features first would, at a fraction of the memory traffic.
+    """
+    feats = feats.float()
+    scores = F.conv2d(feats, scaled_prototypes[:, :, None, None])
+    norms = feats.norm(dim=1, keepdim=True).clamp_min(1e-12)  # as F.normalize's eps
+    return _flatten_pixels(scores / norms)
+
+
 @torch.no_grad()
 def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """Each class's `top_k` most confident pixels of a (local) batch.
@@ -256,12 +269,12 @@ def prototype_contrast(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float)
     has none leave the mean. Stable for small tau (log-softmax, never exp-then-log).
     """
     _check_contrast_inputs(feats, y, prototypes, tau)
-    return _contrast_from_sim(feats @ prototypes.T, y, _has_prototype(prototypes), tau)
+    return _contrast_from_logits(feats @ prototypes.T / tau, y, _has_prototype(prototypes))
 
 
-def _contrast_from_sim(sim: Tensor, y: Tensor, valid: Tensor, tau: float) -> Tensor:
-    """`prototype_contrast` given sim = feats @ prototypes.T (N, K) and valid (K,) rows."""
-    per_pixel = F.cross_entropy(_masked(sim, valid) / tau, y, reduction="none")
+def _contrast_from_logits(logits: Tensor, y: Tensor, valid: Tensor) -> Tensor:
+    """`prototype_contrast` given logits = feats @ prototypes.T / tau (N, K), valid (K,) rows."""
+    per_pixel = F.cross_entropy(_masked(logits, valid), y, reduction="none")
     return _mean_or_zero(per_pixel, valid[y])
 
 
@@ -293,8 +306,8 @@ def hard_pixel_weights(
     Per class with n pixels: a random floor(random_ratio * n) of them, plus those whose
     similarity rank (ascending, hardest first) lies in [floor(rank_lo * n), floor(rank_hi * n)).
     A pixel in both sets counts twice, as the reference concatenates the two index lists.
-    similarity: (N,) similarity to the own prototype; y: (N,) labels in [0, num_classes).
-    Returns (N,) float weights.
+    similarity: (N,) similarity to the own prototype (or any increasing function of it: only
+    its order counts); y: (N,) labels in [0, num_classes). Returns (N,) float weights.
     """
     n = y.shape[0]
     counts = torch.bincount(y, minlength=num_classes)
@@ -302,9 +315,11 @@ def hard_pixel_weights(
     n_own = counts[y].double()  # float32 floors 0.65 * 180 to 116
 
     def rank_within_class(key: Tensor) -> Tensor:
-        # One sort of class + key (key in [0, 1], float64 keeps its order): positions inside
-        # each class block are the ranks.
-        order = (y.double() * 2 + key.double()).argsort(stable=True)
+        # One sort of class + key scaled to [0, 1] (float64 keeps a float32 key's order):
+        # positions inside each class block are the ranks.
+        key = key.double()
+        key = (key - key.min()) / (key.max() - key.min()).clamp_min(1e-300)
+        order = (y.double() * 2 + key).argsort(stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(n, device=y.device) - start[y[order]]
         return rank
@@ -335,15 +350,14 @@ def intra_view_contrast(
     classes with at least 2 pixels.
     """
     _check_contrast_inputs(feats, y, prototypes, tau)
-    return _intra_from_sim(feats @ prototypes.T, y, _has_prototype(prototypes), tau, neg_drop,
-                           neg_keep, random_ratio, rank_lo, rank_hi, generator)
+    return _intra_from_logits(feats @ prototypes.T / tau, y, _has_prototype(prototypes),
+                              neg_drop, neg_keep, random_ratio, rank_lo, rank_hi, generator)
 
 
-def _intra_from_sim(
-    sim: Tensor,
+def _intra_from_logits(
+    logits: Tensor,
     y: Tensor,
     valid: Tensor,
-    tau: float,
     neg_drop: int,
     neg_keep: int,
     random_ratio: float,
@@ -351,16 +365,15 @@ def _intra_from_sim(
     rank_hi: float,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """`intra_view_contrast` given sim = feats @ prototypes.T (N, K) and valid (K,) rows."""
-    k = sim.shape[1]
-    masked = _masked(sim, valid)
+    """`intra_view_contrast` given logits = feats @ prototypes.T / tau (N, K), valid (K,)."""
+    k = logits.shape[1]
+    masked = _masked(logits, valid)
     neg = _semi_hard(masked, valid, neg_drop, neg_keep)
-    pos = sim.gather(1, y[:, None])
-    logits = torch.cat([pos, masked.gather(1, neg)], dim=1) / tau
-    per_pixel = -logits.log_softmax(dim=1)[:, 0]
-
+    pos = logits.gather(1, y[:, None])
+    per_pixel = -torch.cat([pos, masked.gather(1, neg)], dim=1).log_softmax(dim=1)[:, 0]
+    # The logit is an increasing function of the similarity, so it ranks pixels alike.
     weight = hard_pixel_weights(
-        (pos[:, 0] + 1) / 2, y, k, random_ratio, rank_lo, rank_hi, generator
+        pos[:, 0], y, k, random_ratio, rank_lo, rank_hi, generator
     ) * valid[y]
     counts = torch.bincount(y, minlength=k)
     loss_sum = torch.zeros(k, dtype=per_pixel.dtype, device=y.device).index_add(
@@ -429,22 +442,20 @@ class PPCLoss(torch.nn.Module):
         c = self.cfg
         y_s, p_s = self.prototypes(cam_s, feats_s, labels)
         y_t, p_t = self.prototypes(cam_t, feats_t, labels)
-        v_s = F.normalize(_flatten_pixels(feats_s.float()), dim=1)
-        v_t = F.normalize(_flatten_pixels(feats_t.float()), dim=1)
-        # Every term needs one of four similarity maps: two matmuls against both prototype sets.
+        # Every term needs one of four logit maps (each view against each prototype set).
         k = p_s.shape[0]
-        both = torch.cat([p_s, p_t]).T
-        sim_s, sim_t = v_s @ both, v_t @ both
-        ss, st, ts, tt = sim_s[:, :k], sim_s[:, k:], sim_t[:, :k], sim_t[:, k:]
+        both = torch.cat([p_s, p_t]) / c.tau
+        lg_s, lg_t = _pixel_logits(feats_s, both), _pixel_logits(feats_t, both)
+        ss, st, ts, tt = lg_s[:, :k], lg_s[:, k:], lg_t[:, :k], lg_t[:, k:]
         ok_s, ok_t = _has_prototype(p_s), _has_prototype(p_t)
 
-        cross_proto = (_contrast_from_sim(st, y_s, ok_t, c.tau)
-                       + _contrast_from_sim(ts, y_t, ok_s, c.tau)) / 2
-        cross_cam = (_contrast_from_sim(ss, y_t, ok_s, c.tau)
-                     + _contrast_from_sim(tt, y_s, ok_t, c.tau)) / 2
+        cross_proto = (_contrast_from_logits(st, y_s, ok_t)
+                       + _contrast_from_logits(ts, y_t, ok_s)) / 2
+        cross_cam = (_contrast_from_logits(ss, y_t, ok_s)
+                     + _contrast_from_logits(tt, y_s, ok_t)) / 2
         neg_keep = max(1, round(c.neg_keep_ratio * k))
-        mining = (c.tau, c.neg_drop, neg_keep, c.hard_random_ratio, c.hard_rank_lo, c.hard_rank_hi)
-        intra = (_intra_from_sim(ss, y_s, ok_s, *mining, generator)
-                 + _intra_from_sim(tt, y_t, ok_t, *mining, generator)) / 2
+        mining = (c.neg_drop, neg_keep, c.hard_random_ratio, c.hard_rank_lo, c.hard_rank_hi)
+        intra = (_intra_from_logits(ss, y_s, ok_s, *mining, generator)
+                 + _intra_from_logits(tt, y_t, ok_t, *mining, generator)) / 2
         total = c.w_cross_proto * cross_proto + c.w_cross_cam * cross_cam + c.w_intra * intra
         return {"cross_proto": cross_proto, "cross_cam": cross_cam, "intra": intra, "total": total}

@@ -53,10 +53,15 @@ def test_baseline_and_ppc_loss_agree_with_fixed_sampling(name, seed):
         assert terms_ours[t] > 0, f"{t} is zero: the comparison would be vacuous"
         assert torch.allclose(terms_ours[t], terms_ref[t], rtol=0, atol=1e-5), (
             t, float(terms_ours[t]), float(terms_ref[t]))
-    # Gradients are ~1/N, so compare them relative to their size as well as absolutely.
+    # Gradients are ~1/N, so compare them relative to their size as well as absolutely. The two
+    # compute cosine similarities in a different order (a 1x1 conv over the maps vs normalised
+    # rows), so two pixels whose similarities tie to float rounding may swap hard-pixel ranks:
+    # allow that for a pixel or two, never more.
     for g_ours, g_ref in zip(grads_ours, grads_ref, strict=True):
         assert g_ours.abs().max() > 0
-        assert torch.allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
+        close = torch.isclose(g_ours, g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
+        off_pixels = (~close).any(dim=1).sum()  # (B, H, W) pixels with any differing channel
+        assert off_pixels <= 2, f"{int(off_pixels)} pixels' gradients differ"
 
 
 def test_different_sampling_changes_the_intra_term():

@@ -107,12 +107,12 @@ def throughput(root: Path, budget: float) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=6, help="trials per overhead measurement")
     parser.add_argument("--budget", type=float, default=90.0, help="seconds per throughput sweep")
     parser.add_argument("--no-postgres", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:

@@ -25,3 +25,4 @@ if __name__ == "__main__":
     rows = slice(acc.process_index * share, (acc.process_index + 1) * share)
     _, proto = PPCLoss(PPCConfig(), gather=acc.gather).prototypes(cam[rows], feats[rows], labels[rows])
     torch.save(proto, Path(sys.argv[1]) / f"proto_{acc.process_index}.pt")
+    acc.end_training()  # tears the gloo group down; leaving it to exit can abort the process

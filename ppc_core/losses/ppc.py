@@ -158,13 +158,13 @@ def _pixel_logits(feats: Tensor, scaled_prototypes: Tensor) -> Tensor:
     """Cosine similarity of every pixel to every prototype, times 1/tau.
 
     feats: (B, D, H, W) raw projector output; scaled_prototypes: (K, D) = prototypes / tau.
-    Returns (B*H*W, K). A 1x1 convolution and a division by each pixel's norm give what
+    Returns (B*H*W, K). A batched matmul and a division by each pixel's norm give what
     normalising an (N, D) copy of the features first would, at a fraction of the memory traffic.
     """
-    feats = feats.float()
-    scores = F.conv2d(feats, scaled_prototypes[:, :, None, None])
-    norms = feats.norm(dim=1, keepdim=True).clamp_min(1e-12)  # as F.normalize's eps
-    return _flatten_pixels(scores / norms)
+    flat = feats.float().flatten(2)  # (B, D, HW), a view
+    scores = scaled_prototypes @ flat  # (B, K, HW)
+    norms = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)  # as F.normalize's eps
+    return (scores / norms).transpose(1, 2).reshape(-1, scaled_prototypes.shape[0])
 
 
 @torch.no_grad()
@@ -182,10 +182,12 @@ def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int) -> tuple[Tens
             f"norm_cam {tuple(confidence.shape)} and feats {tuple(feats.shape)} must share "
             "batch and spatial dimensions"
         )
-    conf = _flatten_pixels(confidence).T  # (K, N)
-    flat = _flatten_pixels(feats.detach().float())  # (N, D)
+    conf = confidence.transpose(0, 1).flatten(1)  # (K, N), pixels in (b, h, w) order
     values, index = _stable_topk(conf, top_k)
-    return values, flat[index]
+    # Gather the k rows straight from the (B, D, H*W) maps: no (N, D) copy of the features.
+    flat = feats.detach().float().flatten(2)
+    hw = flat.shape[2]
+    return values, flat[index // hw, :, index % hw]
 
 
 def _stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -236,8 +238,13 @@ def _has_prototype(prototypes: Tensor) -> Tensor:
     return prototypes.abs().sum(dim=1) > 0
 
 
-def _masked(sim: Tensor, valid: Tensor) -> Tensor:
-    return sim if bool(valid.all()) else sim.masked_fill(~valid, float("-inf"))
+# A logit for "no prototype": exp() of it is 0 next to any real logit, yet it stays finite,
+# so no row of a softmax can turn into NaN.
+_NO_PROTOTYPE = -1e9
+
+
+def _masked(logits: Tensor, valid: Tensor) -> Tensor:
+    return logits.masked_fill(~valid, _NO_PROTOTYPE)
 
 
 def _check_contrast_inputs(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float) -> None:
@@ -269,12 +276,13 @@ def prototype_contrast(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float)
     has none leave the mean. Stable for small tau (log-softmax, never exp-then-log).
     """
     _check_contrast_inputs(feats, y, prototypes, tau)
-    return _contrast_from_logits(feats @ prototypes.T / tau, y, _has_prototype(prototypes))
+    valid = _has_prototype(prototypes)
+    return _contrast_from_logits(_masked(feats @ prototypes.T / tau, valid), y, valid)
 
 
 def _contrast_from_logits(logits: Tensor, y: Tensor, valid: Tensor) -> Tensor:
-    """`prototype_contrast` given logits = feats @ prototypes.T / tau (N, K), valid (K,) rows."""
-    per_pixel = F.cross_entropy(_masked(logits, valid), y, reduction="none")
+    """`prototype_contrast` given masked logits (N, K) (see `_masked`) and valid (K,) rows."""
+    per_pixel = F.cross_entropy(logits, y, reduction="none")
     return _mean_or_zero(per_pixel, valid[y])
 
 
@@ -284,12 +292,12 @@ def semi_hard_negatives(sim: Tensor, prototypes: Tensor, drop: int, keep: int) -
     sim: (N, K) pixel-prototype similarities; prototypes: (K, D). Returns (N, keep') int64 with
     keep' = min(keep, K - drop); missing prototypes rank last.
     """
-    return _semi_hard(sim, _has_prototype(prototypes), drop, keep)
+    return _semi_hard(_masked(sim, _has_prototype(prototypes)), drop, keep)
 
 
-def _semi_hard(sim: Tensor, valid: Tensor, drop: int, keep: int) -> Tensor:
-    depth = min(drop + keep, sim.shape[1])
-    return _masked(sim.detach(), valid).topk(depth, dim=1).indices[:, drop:]
+def _semi_hard(masked: Tensor, drop: int, keep: int) -> Tensor:
+    # Rows are short (C+1 prototypes): one sort beats topk here.
+    return masked.detach().sort(dim=1, descending=True).indices[:, drop:drop + keep]
 
 
 def hard_pixel_weights(
@@ -350,7 +358,8 @@ def intra_view_contrast(
     classes with at least 2 pixels.
     """
     _check_contrast_inputs(feats, y, prototypes, tau)
-    return _intra_from_logits(feats @ prototypes.T / tau, y, _has_prototype(prototypes),
+    valid = _has_prototype(prototypes)
+    return _intra_from_logits(_masked(feats @ prototypes.T / tau, valid), y, valid,
                               neg_drop, neg_keep, random_ratio, rank_lo, rank_hi, generator)
 
 
@@ -365,19 +374,18 @@ def _intra_from_logits(
     rank_hi: float,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """`intra_view_contrast` given logits = feats @ prototypes.T / tau (N, K), valid (K,)."""
+    """`intra_view_contrast` given masked logits (N, K) (see `_masked`) and valid (K,) rows."""
     k = logits.shape[1]
-    masked = _masked(logits, valid)
-    neg = _semi_hard(masked, valid, neg_drop, neg_keep)
+    neg = _semi_hard(logits, neg_drop, neg_keep)
     pos = logits.gather(1, y[:, None])
-    per_pixel = -torch.cat([pos, masked.gather(1, neg)], dim=1).log_softmax(dim=1)[:, 0]
+    per_pixel = -torch.cat([pos, logits.gather(1, neg)], dim=1).log_softmax(dim=1)[:, 0]
     # The logit is an increasing function of the similarity, so it ranks pixels alike.
     weight = hard_pixel_weights(
         pos[:, 0], y, k, random_ratio, rank_lo, rank_hi, generator
     ) * valid[y]
     counts = torch.bincount(y, minlength=k)
     loss_sum = torch.zeros(k, dtype=per_pixel.dtype, device=y.device).index_add(
-        0, y, torch.where(weight > 0, per_pixel * weight, torch.zeros_like(per_pixel))
+        0, y, per_pixel * weight
     )
     weight_sum = torch.zeros(k, dtype=weight.dtype, device=y.device).index_add(0, y, weight)
     use = (counts >= 2) & (weight_sum > 0)
@@ -444,10 +452,12 @@ class PPCLoss(torch.nn.Module):
         y_t, p_t = self.prototypes(cam_t, feats_t, labels)
         # Every term needs one of four logit maps (each view against each prototype set).
         k = p_s.shape[0]
-        both = torch.cat([p_s, p_t]) / c.tau
-        lg_s, lg_t = _pixel_logits(feats_s, both), _pixel_logits(feats_t, both)
+        both = torch.cat([p_s, p_t])
+        ok = _has_prototype(both)
+        lg_s = _masked(_pixel_logits(feats_s, both / c.tau), ok)
+        lg_t = _masked(_pixel_logits(feats_t, both / c.tau), ok)
         ss, st, ts, tt = lg_s[:, :k], lg_s[:, k:], lg_t[:, :k], lg_t[:, k:]
-        ok_s, ok_t = _has_prototype(p_s), _has_prototype(p_t)
+        ok_s, ok_t = ok[:k], ok[k:]
 
         cross_proto = (_contrast_from_logits(st, y_s, ok_t)
                        + _contrast_from_logits(ts, y_t, ok_s)) / 2

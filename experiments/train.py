@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -83,16 +84,18 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
     try:
         result = train(accelerator, model, optimizer, train_set, t.batch_size, objective,
                        schedule, out, evaluate_model, reporter, d.num_workers, t.resume)
-    except BaseException:
+        metrics = _summarise(result)
+        if accelerator.is_main_process:
+            if not last_eval:  # resumed after the final step: evaluate the restored model once
+                evaluate_model(model)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            finish_tracking(accelerator, out, metrics, last_eval[0], info.num_classes)
+    finally:
         accelerator.end_training()
-        raise
-    metrics = _summarise(result)
-    if accelerator.is_main_process:
-        if not last_eval:  # resumed after the final step: evaluate the restored model once
-            evaluate_model(model)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        finish_tracking(accelerator, out, metrics, last_eval[0], info.num_classes)
-    accelerator.end_training()
+        # Accelerate keeps mixed precision and accumulation in process-wide singletons; clear
+        # them so the next in-process run (a sweep's next trial) gets its own settings.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
     return metrics
 
 

@@ -141,7 +141,7 @@ def train(
                 total = accelerator.reduce(loss.detach(), "mean")
                 if not torch.isfinite(total):
                     path = _save(accelerator, output_dir, step)
-                    values = {k: float(v) for k, v in terms.items()}
+                    values = {k: float(v.detach()) for k, v in terms.items()}
                     raise NonFiniteLoss(f"non-finite loss at step {step}: {values}; "
                                         f"state before the step saved to {path}")
                 accelerator.backward(loss)

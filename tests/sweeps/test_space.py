@@ -96,7 +96,7 @@ def test_tied_dimension_fans_out_and_composes() -> None:
     w = sampled["ppc_weight"]
     assert cfg.ppc.w_cross_proto == cfg.ppc.w_cross_cam == cfg.ppc.w_intra == pytest.approx(w)
     assert cfg.ppc.tau == pytest.approx(sampled["ppc.tau"])
-    assert cfg.train.steps == space.fixed["train.steps"]
+    assert cfg.loss.ppc_ramp_steps == space.fixed["loss.ppc_ramp_steps"]
 
 
 def test_grid_values_and_round_trip() -> None:

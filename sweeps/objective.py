@@ -35,7 +35,7 @@ from ppc_core.train import latest_checkpoint
 from sweeps.space import format_value
 from sweeps.storage import retried_from
 from sweeps.study import METRIC, Recipe
-from sweeps.trial_reporter import STEP_OFFSET_ENV
+from sweeps.trial_reporter import STEP_OFFSET_ENV, report_to
 
 LAUNCHERS = ("inprocess", "torchrun", "accelerate")
 
@@ -137,14 +137,7 @@ class TrialRunner:
     # ------------------------------------------------------------------ launchers
 
     def _reporter(self, trial: optuna.Trial, offset: int):
-        def report(step: int, metrics: dict[str, float]) -> bool:
-            value = float(metrics.get(METRIC, math.nan))
-            if self.multi or not math.isfinite(value):
-                return False
-            trial.report(value, step + offset)
-            return trial.should_prune()
-
-        return report
+        return report_to(lambda: None if self.multi else trial, offset)
 
     def _inprocess(self, cfg: RunConfig, trial: optuna.Trial, offset: int) -> dict:
         return self._train(cfg, self._reporter(trial, offset))

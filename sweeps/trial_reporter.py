@@ -47,10 +47,18 @@ def make_reporter(storage: str, study: str, number: int, step_offset: int | None
             state["trial"] = None if len(s.directions) > 1 else optuna.Trial(s, trial_id)
         return state["trial"]
 
+    return report_to(trial, step_offset)
+
+
+def report_to(get_trial: Callable[[], optuna.Trial | None], step_offset: int = 0,
+              ) -> Callable[[int, dict[str, float]], bool]:
+    """The engine's reporter: `metrics["cam_miou"]` -> the trial `get_trial()` returns (None for
+    a multi-objective study, which cannot prune), then the pruner's verdict."""
+
     def report(step: int, metrics: dict[str, float]) -> bool:
-        t = trial()
+        t = get_trial()
         value = float(metrics.get(METRIC, math.nan))
-        if t is None or not math.isfinite(value):  # multi-objective studies cannot prune
+        if t is None or not math.isfinite(value):
             return False
         t.report(value, step + step_offset)
         return t.should_prune()

@@ -31,7 +31,7 @@ from ppc_core.train import Reporter, Schedule, TrainResult, train
 def _eval_loader(cfg: RunConfig) -> DataLoader:
     d = cfg.data
     dataset = build_dataset(d.name, d.eval_split, False, d.crop_size, d.root,
-                            num_images=d.eval_images)
+                            num_images=d.eval_images, skip_corrupt=d.skip_corrupt)
     return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False,
                       num_workers=d.num_workers)
 
@@ -52,7 +52,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
     info = dataset_info(cfg.data.name)
     d, m = cfg.data, cfg.model
     train_set = build_dataset(d.name, d.train_split, True, d.crop_size, d.root,
-                              num_images=d.num_images)
+                              num_images=d.num_images, skip_corrupt=d.skip_corrupt)
     model = build_model(m.backbone, info.num_classes, m.output_stride, m.proj_dim, m.pcm,
                         m.pretrained, m.freeze_bn)
     o = cfg.optim

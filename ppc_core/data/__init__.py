@@ -40,6 +40,7 @@ def build_dataset(
     root: str = "",
     seed: int = 0,
     num_images: int = 0,
+    skip_corrupt: bool = False,
 ) -> Dataset:
     """A data set whose items follow the data contract.
 
@@ -48,7 +49,8 @@ def build_dataset(
         seed selects the generated images; num_images 0 -> 2000 (train) / 200 (val).
     voc: split in {"train", "val", "trainval", "train_aug"}; root is the VOC folder (required);
         train items are crop_size crops, eval items full images (use batch_size=1);
-        num_images > 0 keeps a random subset chosen by seed.
+        num_images > 0 keeps a random subset chosen by seed; skip_corrupt warns about and skips
+        unreadable images instead of raising.
     """
     _check_name(name)
     if crop_size <= 0:
@@ -59,7 +61,7 @@ def build_dataset(
         return digits.DigitsDataset(split, train, crop_size, root or None, seed, num_images)
     if not root:
         raise ValueError("the voc dataset needs root= pointing at a VOC2012 folder")
-    return voc.VOCDataset(root, split, train, crop_size, seed, num_images)
+    return voc.VOCDataset(root, split, train, crop_size, seed, num_images, skip_corrupt)
 
 
 __all__ = ["DatasetInfo", "build_dataset", "dataset_info"]

@@ -149,11 +149,6 @@ def ranking_map(cam: Tensor, norm_cam: Tensor, mode: str = "complement") -> Tens
     return rank
 
 
-def _flatten_pixels(x: Tensor) -> Tensor:
-    """(B, K, H, W) -> (B*H*W, K), pixel-major in (b, h, w) order."""
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
-
 def _pixel_logits(feats: Tensor, scaled_prototypes: Tensor) -> Tensor:
     """Cosine similarity of every pixel to every prototype, times 1/tau.
 

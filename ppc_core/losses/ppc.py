@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ppc_core.losses.seam import max_norm
+
 _EPS = 1e-5
 
 
@@ -85,16 +87,12 @@ def top_k_for(height: int, width: int, ratio: float) -> int:
 
 
 def normalise_cam(cam: Tensor) -> Tensor:
-    """Per image and class min-max normalisation of relu(cam) to [0, 1].
+    """Per image and class min-max normalisation of relu(cam) to [0, 1], without gradient.
 
-    cam: (B, K, H, W) raw scores. Returns (B, K, H, W); pixels at the minimum are 0.
+    cam: (B, K, H, W) raw scores. Returns (B, K, H, W); pixels at the minimum are 0. The same
+    normalisation as SEAM's terms, so pseudo labels and the ER / ECR targets agree.
     """
-    cam = F.relu(cam.detach().float())
-    flat = cam.flatten(2)
-    lo = flat.amin(dim=2, keepdim=True)
-    hi = flat.amax(dim=2, keepdim=True)
-    norm = ((flat - lo - _EPS) / (hi - lo + _EPS)).clamp_min(0.0)
-    return norm.view_as(cam)
+    return max_norm(cam.detach().float(), _EPS)
 
 
 def _validate_cam_labels(cam: Tensor, labels: Tensor) -> None:

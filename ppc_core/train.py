@@ -170,7 +170,9 @@ def train(
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "step"},
                                 step=step)
                 decision = [metrics, bool(reporter and reporter(step, metrics))]
-            broadcast_object_list(decision)
+            broadcast_object_list(decision)  # every rank stops together and keeps the history
+            if not accelerator.is_main_process:
+                progress.history.append(decision[0])
             stop = decision[1]
             model.train()
         if step % s.checkpoint_every == 0 or step == s.steps or stop:

@@ -206,8 +206,9 @@ def prototypes_from_candidates(values: Tensor, cand: Tensor, top_k: int) -> Tens
     values: (K, M) confidences; cand: (K, M, D) features. Returns (K, D); a class whose weight
     sum is not positive gets an all-zero row (no prototype this batch).
     """
-    values, index = _stable_topk(values, top_k)
-    cand = cand.gather(1, index[:, :, None].expand(-1, -1, cand.shape[2]))
+    if values.shape[1] > top_k:  # candidates of several processes: keep the global top-K
+        values, index = _stable_topk(values, top_k)
+        cand = cand.gather(1, index[:, :, None].expand(-1, -1, cand.shape[2]))
     weight = values.sum(dim=1, keepdim=True)
     proto = torch.einsum("km,kmd->kd", values, cand) / weight.clamp_min(1e-12)
     proto = F.normalize(proto, dim=1)

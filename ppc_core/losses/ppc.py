@@ -161,12 +161,15 @@ def _pixel_logits(feats: Tensor, scaled_prototypes: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int,
+                    views: int = 1) -> tuple[Tensor, Tensor]:
     """Each class's `top_k` most confident pixels of a (local) batch.
 
     confidence: (B, K, H, W) ranking map; feats: (B, D, H, W) projected features.
     Returns values (K, k) and features (K, k, D), k = min(top_k, B*H*W). The prototype of a
     data-parallel batch is the top-K of every rank's candidates (see `prototypes_from_candidates`).
+    With `views` V > 1 the batch is V views stacked (B = V*B'), each with its own pool: rows
+    (V*K, ...) in view-major order.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -175,12 +178,13 @@ def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int) -> tuple[Tens
             f"norm_cam {tuple(confidence.shape)} and feats {tuple(feats.shape)} must share "
             "batch and spatial dimensions"
         )
-    conf = confidence.transpose(0, 1).flatten(1)  # (K, N), pixels in (b, h, w) order
-    values, index = _stable_topk(conf, top_k)
-    # Gather the k rows straight from the (B, D, H*W) maps: no (N, D) copy of the features.
-    flat = feats.detach().float().flatten(2)
-    hw = flat.shape[2]
-    return values, flat[index // hw, :, index % hw]
+    b, k, h, w = confidence.shape
+    conf = confidence.reshape(views, b // views, k, h * w).transpose(1, 2)
+    values, index = _stable_topk(conf.reshape(views * k, -1), top_k)  # pixels in (b, h, w) order
+    # Gather the k rows straight from the (V, B', D, H*W) maps: no (N, D) copy of the features.
+    flat = feats.detach().float().reshape(views, b // views, feats.shape[1], h * w)
+    view = torch.arange(views, device=index.device).repeat_interleave(k)[:, None]
+    return values, flat[view, index // (h * w), :, index % (h * w)]
 
 
 def _stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -353,14 +357,15 @@ def intra_view_contrast(
     """
     _check_contrast_inputs(feats, y, prototypes, tau)
     valid = _has_prototype(prototypes)
-    return _intra_from_logits(_masked(feats @ prototypes.T / tau, valid), y, valid,
+    return _intra_from_logits(_masked(feats @ prototypes.T / tau, valid), y, y, valid,
                               neg_drop, neg_keep, random_ratio, rank_lo, rank_hi, generator)
 
 
 def _intra_from_logits(
     logits: Tensor,
     y: Tensor,
-    valid: Tensor,
+    group: Tensor,
+    group_valid: Tensor,
     neg_drop: int,
     neg_keep: int,
     random_ratio: float,
@@ -368,24 +373,30 @@ def _intra_from_logits(
     rank_hi: float,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """`intra_view_contrast` given masked logits (N, K) (see `_masked`) and valid (K,) rows."""
-    k = logits.shape[1]
+    """`intra_view_contrast` given masked logits (M, K) (see `_masked`), for V stacked views.
+
+    y: (M,) labels in [0, K); group: (M,) = y + K * view in [0, V*K); group_valid: (V*K,) whether
+    each view's class has a prototype. Returns the mean over views of the per-view intra term.
+    """
+    num_groups = group_valid.shape[0]
     neg = _semi_hard(logits, neg_drop, neg_keep)
     pos = logits.gather(1, y[:, None])
     per_pixel = -torch.cat([pos, logits.gather(1, neg)], dim=1).log_softmax(dim=1)[:, 0]
     # The logit is an increasing function of the similarity, so it ranks pixels alike.
     weight = hard_pixel_weights(
-        pos[:, 0], y, k, random_ratio, rank_lo, rank_hi, generator
-    ) * valid[y]
-    counts = torch.bincount(y, minlength=k)
-    loss_sum = torch.zeros(k, dtype=per_pixel.dtype, device=y.device).index_add(
-        0, y, per_pixel * weight
+        pos[:, 0], group, num_groups, random_ratio, rank_lo, rank_hi, generator
+    ) * group_valid[group]
+    counts = torch.bincount(group, minlength=num_groups)
+    loss_sum = torch.zeros(num_groups, dtype=per_pixel.dtype, device=y.device).index_add(
+        0, group, per_pixel * weight
     )
-    weight_sum = torch.zeros(k, dtype=weight.dtype, device=y.device).index_add(0, y, weight)
+    weight_sum = torch.zeros_like(loss_sum).index_add(0, group, weight)
     use = (counts >= 2) & (weight_sum > 0)
-    if not use.any():
-        return per_pixel.sum() * 0.0
-    return (loss_sum[use] / weight_sum[use]).mean()
+    views = num_groups // logits.shape[1]
+    class_mean = torch.where(use, loss_sum / weight_sum.clamp_min(1e-12), 0.0).view(views, -1)
+    used = use.view(views, -1).sum(dim=1).clamp_min(1)
+    # A view with no usable class adds a (graph-connected) zero, as the reference would.
+    return (class_mean.sum(dim=1) / used).mean()
 
 
 GatherFn = Callable[[Tensor], Tensor]
@@ -403,12 +414,13 @@ class PPCLoss(torch.nn.Module):
         self.cfg = cfg
         self.gather = gather
 
-    def prototypes(self, cam: Tensor, feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Pseudo labels (B*H*W,) and prototypes (C+1, D) of one view."""
+    def prototypes(self, cam: Tensor, feats: Tensor, labels: Tensor,
+                   views: int = 1) -> tuple[Tensor, Tensor]:
+        """Pseudo labels (B*H*W,) and prototypes (V*(C+1), D) of V views stacked along B."""
         norm, y = pseudo_labels(cam, labels, self.cfg.bg_threshold)
         rank = ranking_map(cam, norm, self.cfg.prototype_ranking)
         top_k = top_k_for(cam.shape[2], cam.shape[3], self.cfg.top_k_ratio)
-        values, cand = topk_candidates(rank, feats, top_k)
+        values, cand = topk_candidates(rank, feats, top_k, views)
         if self.gather is not None:
             values = self.gather(values.T.contiguous()).T
             cand = self.gather(cand.transpose(0, 1).contiguous()).transpose(0, 1)
@@ -442,24 +454,25 @@ class PPCLoss(torch.nn.Module):
         _check_finite("feats_s", feats_s)
         _check_finite("feats_t", feats_t)
         c = self.cfg
-        y_s, p_s = self.prototypes(cam_s, feats_s, labels)
-        y_t, p_t = self.prototypes(cam_t, feats_t, labels)
-        # Every term needs one of four logit maps (each view against each prototype set).
-        k = p_s.shape[0]
-        both = torch.cat([p_s, p_t])
+        # The two views go through every step as one stacked batch: half the kernel launches.
+        feats = torch.cat([feats_s, feats_t])
+        y, both = self.prototypes(torch.cat([cam_s, cam_t]), feats, torch.cat([labels, labels]),
+                                  views=2)
+        k, n = both.shape[0] // 2, y.shape[0] // 2
         ok = _has_prototype(both)
-        lg_s = _masked(_pixel_logits(feats_s, both / c.tau), ok)
-        lg_t = _masked(_pixel_logits(feats_t, both / c.tau), ok)
-        ss, st, ts, tt = lg_s[:, :k], lg_s[:, k:], lg_t[:, :k], lg_t[:, k:]
-        ok_s, ok_t = ok[:k], ok[k:]
+        # Every term needs one of four logit maps (each view against each prototype set).
+        lg = _masked(_pixel_logits(feats, both / c.tau), ok)  # (2N, 2K)
+        ss, st, ts, tt = lg[:n, :k], lg[:n, k:], lg[n:, :k], lg[n:, k:]
+        y_s, y_t, ok_s, ok_t = y[:n], y[n:], ok[:k], ok[k:]
 
         cross_proto = (_contrast_from_logits(st, y_s, ok_t)
                        + _contrast_from_logits(ts, y_t, ok_s)) / 2
         cross_cam = (_contrast_from_logits(ss, y_t, ok_s)
                      + _contrast_from_logits(tt, y_s, ok_t)) / 2
         neg_keep = max(1, round(c.neg_keep_ratio * k))
-        mining = (c.neg_drop, neg_keep, c.hard_random_ratio, c.hard_rank_lo, c.hard_rank_hi)
-        intra = (_intra_from_logits(ss, y_s, ok_s, *mining, generator)
-                 + _intra_from_logits(tt, y_t, ok_t, *mining, generator)) / 2
+        own = torch.cat([ss, tt])  # each view against its own prototypes
+        group = y + k * (torch.arange(2 * n, device=y.device) >= n)
+        intra = _intra_from_logits(own, y, group, ok, c.neg_drop, neg_keep, c.hard_random_ratio,
+                                   c.hard_rank_lo, c.hard_rank_hi, generator)
         total = c.w_cross_proto * cross_proto + c.w_cross_cam * cross_cam + c.w_intra * intra
         return {"cross_proto": cross_proto, "cross_cam": cross_cam, "intra": intra, "total": total}

@@ -193,7 +193,19 @@ def test_torchrun_trial_pruned_on_both_ranks(tmp_path: Path) -> None:
     assert "Traceback" not in (run_dir / "launcher.log").read_text()
 
 
-def _wandb_run_record(path: Path):
+def _wandb_run_record(path: Path, wait: float = 10.0):
+    """The run record of an offline .wandb file, waiting for W&B's service to flush it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return _read_run_record(path)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _read_run_record(path: Path):
     """The run record of an offline .wandb file (a LevelDB-style log of protobuf records)."""
     from wandb.proto import wandb_internal_pb2 as pb
 

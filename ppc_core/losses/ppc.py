@@ -323,19 +323,20 @@ def hard_pixel_weights(
     start = counts.cumsum(0) - counts
     n_own = counts[y].double()  # float32 floors 0.65 * 180 to 116
 
+    class_key = y.double() * 2
+
     def rank_within_class(key: Tensor) -> Tensor:
-        # One sort of class + key scaled to [0, 1] (float64 keeps a float32 key's order):
-        # positions inside each class block are the ranks.
-        key = key.double()
-        key = (key - key.min()) / (key.max() - key.min()).clamp_min(1e-300)
-        order = (y.double() * 2 + key).argsort(stable=True)
+        # One sort of class + key in [0, 1] (float64 keeps a float32 key's order): positions
+        # inside each class block are the ranks.
+        order = (class_key + key).argsort(stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(n, device=y.device) - start[y[order]]
         return rank
 
-    noise = torch.rand(n, generator=generator, device="cpu").to(y.device)
+    noise = torch.rand(n, generator=generator, device="cpu").to(y.device, torch.float64)
     in_random = rank_within_class(noise) < torch.floor(random_ratio * n_own)
-    sim_rank = rank_within_class(similarity.detach())
+    key = similarity.detach().double()
+    sim_rank = rank_within_class((key - key.min()) / (key.max() - key.min()).clamp_min(1e-300))
     in_window = (sim_rank >= torch.floor(rank_lo * n_own)) & (sim_rank < torch.floor(rank_hi * n_own))
     return in_random.to(similarity.dtype) + in_window.to(similarity.dtype)
 
@@ -468,10 +469,13 @@ class PPCLoss(torch.nn.Module):
         ss, st, ts, tt = lg[:n, :k], lg[:n, k:], lg[n:, :k], lg[n:, k:]
         y_s, y_t, ok_s, ok_t = y[:n], y[n:], ok[:k], ok[k:]
 
-        cross_proto = (_contrast_from_logits(st, y_s, ok_t)
-                       + _contrast_from_logits(ts, y_t, ok_s)) / 2
-        cross_cam = (_contrast_from_logits(ss, y_t, ok_s)
-                     + _contrast_from_logits(tt, y_s, ok_t)) / 2
+        # The four cross terms (cross-prototype: st, ts; cross-CAM: ss, tt) as one stacked
+        # cross-entropy: a few large ops instead of many small ones.
+        keep = torch.cat([ok_t[y_s], ok_s[y_t], ok_s[y_t], ok_t[y_s]]).view(4, n)
+        per_pixel = F.cross_entropy(torch.cat([st, ts, ss, tt]),
+                                    torch.cat([y_s, y_t, y_t, y_s]), reduction="none")
+        means = (per_pixel.view(4, n) * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)
+        cross_proto, cross_cam = means[:2].mean(), means[2:].mean()
         neg_keep = max(1, round(c.neg_keep_ratio * k))
         own = torch.cat([ss, tt])  # each view against its own prototypes
         group = y + k * (torch.arange(2 * n, device=y.device) >= n)

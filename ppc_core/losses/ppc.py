@@ -263,10 +263,10 @@ def _check_contrast_inputs(feats: Tensor, y: Tensor, prototypes: Tensor, tau: fl
     _check_finite("feats", feats)
 
 
-def _mean_or_zero(per_pixel: Tensor, keep: Tensor) -> Tensor:
-    # A batch with nothing to contrast still returns a graph-connected zero.
-    kept = per_pixel[keep]
-    return kept.mean() if kept.numel() else per_pixel.sum() * 0.0
+def _kept_mean(values: Tensor, keep: Tensor) -> Tensor:
+    """Mean of `values` over the last dim where `keep` (bool, same shape); where nothing is kept,
+    a zero that stays in the graph. Excluded values only need to be finite."""
+    return (values * keep).sum(dim=-1) / keep.sum(dim=-1).clamp_min(1)
 
 
 def prototype_contrast(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float) -> Tensor:
@@ -278,13 +278,8 @@ def prototype_contrast(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float)
     """
     _check_contrast_inputs(feats, y, prototypes, tau)
     valid = _has_prototype(prototypes)
-    return _contrast_from_logits(_masked(feats @ prototypes.T / tau, valid), y, valid)
-
-
-def _contrast_from_logits(logits: Tensor, y: Tensor, valid: Tensor) -> Tensor:
-    """`prototype_contrast` given masked logits (N, K) (see `_masked`) and valid (K,) rows."""
-    per_pixel = F.cross_entropy(logits, y, reduction="none")
-    return _mean_or_zero(per_pixel, valid[y])
+    logits = _masked(feats @ prototypes.T / tau, valid)
+    return _kept_mean(F.cross_entropy(logits, y, reduction="none"), valid[y])
 
 
 def semi_hard_negatives(sim: Tensor, prototypes: Tensor, drop: int, keep: int) -> Tensor:
@@ -397,10 +392,9 @@ def _intra_from_logits(
     weight_sum = torch.zeros_like(loss_sum).index_add(0, group, weight)
     use = (counts >= 2) & (weight_sum > 0)
     views = num_groups // logits.shape[1]
-    class_mean = torch.where(use, loss_sum / weight_sum.clamp_min(1e-12), 0.0).view(views, -1)
-    used = use.view(views, -1).sum(dim=1).clamp_min(1)
+    class_mean = loss_sum / weight_sum.clamp_min(1e-12)
     # A view with no usable class adds a (graph-connected) zero, as the reference would.
-    return (class_mean.sum(dim=1) / used).mean()
+    return _kept_mean(class_mean.view(views, -1), use.view(views, -1)).mean()
 
 
 GatherFn = Callable[[Tensor], Tensor]
@@ -474,7 +468,7 @@ class PPCLoss(torch.nn.Module):
         keep = torch.cat([ok_t[y_s], ok_s[y_t], ok_s[y_t], ok_t[y_s]]).view(4, n)
         per_pixel = F.cross_entropy(torch.cat([st, ts, ss, tt]),
                                     torch.cat([y_s, y_t, y_t, y_s]), reduction="none")
-        means = (per_pixel.view(4, n) * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)
+        means = _kept_mean(per_pixel.view(4, n), keep)
         cross_proto, cross_cam = means[:2].mean(), means[2:].mean()
         neg_keep = max(1, round(c.neg_keep_ratio * k))
         own = torch.cat([ss, tt])  # each view against its own prototypes

@@ -148,31 +148,80 @@ def ranking_map(cam: Tensor, norm_cam: Tensor, mode: str = "complement") -> Tens
     return rank
 
 
-def _pixel_logits(feats: Tensor, scaled_prototypes: Tensor) -> Tensor:
-    """Cosine similarity of every pixel to every prototype, times 1/tau.
+# F.normalize's eps, squared: shorter vectors are divided by 1e-12 instead of their norm.
+_MIN_SQUARED_NORM = 1e-24
 
-    feats: (B, D, H, W) raw projector output; scaled_prototypes: (K, D) = prototypes / tau.
-    Returns (B*H*W, K). A batched matmul and a division by each pixel's norm give what
-    normalising an (N, D) copy of the features first would, at a fraction of the memory traffic.
+
+def _pixel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-pixel dot product over channels: a, b (B, D, HW) -> (B, 1, HW).
+
+    In chunks of ~1 MB: a full (B, D, HW) product would be a fresh buffer of the maps' size,
+    and on CPU the page faults of fresh large buffers cost more than the arithmetic.
     """
-    flat = feats.float().flatten(2)  # (B, D, HW), a view
-    scores = scaled_prototypes @ flat  # (B, K, HW)
-    # sqrt of a clamped sum of squares: F.normalize's eps, a zero vector stays gradient-free,
-    # and it runs ~3x faster than norm() over the strided channel dim on CPU.
-    norms = (flat * flat).sum(dim=1, keepdim=True).clamp_min(1e-24).sqrt()
-    return (scores / norms).transpose(1, 2).reshape(-1, scaled_prototypes.shape[0])
+    step = max(1, (1 << 18) // a[0].numel())
+    return torch.cat([torch.linalg.vecdot(x, z, dim=1)
+                      for x, z in zip(a.split(step), b.split(step), strict=True)])[:, None]
+
+
+class _CosineLogits(torch.autograd.Function):
+    """Cosine similarity of every pixel of V views to every prototype, times 1/tau, masked.
+
+    Forward: scaled prototypes (K, D) (= prototypes / tau, no gradient), valid (K,) bool, names
+    (V,) of the views for error messages, then V maps (B, D, H, W). Returns (V*B, K, H*W), class
+    axis in the middle as the batched matmul writes it; columns of missing prototypes hold
+    `_NO_PROTOTYPE`. The hand-written backward, G / |f| - (G . f) f / |f|^3 with G = P.T @ grad,
+    allocates one (B, D, H*W) gradient per view and nothing else of that size (autograd through
+    f / |f| allocates several).
+    """
+
+    @staticmethod
+    def forward(ctx, scaled: Tensor, valid: Tensor, names: tuple[str, ...],  # noqa: ANN001
+                *views: Tensor) -> Tensor:
+        flats = [v.detach().to(torch.promote_types(v.dtype, torch.float32)).flatten(2)
+                 for v in views]
+        b, hw = flats[0].shape[0], flats[0].shape[2]
+        out = scaled.new_empty(len(views) * b, scaled.shape[0], hw)
+        inv_norms = []
+        for i, (name, flat) in enumerate(zip(names, flats, strict=True)):
+            torch.matmul(scaled, flat, out=out[i * b:(i + 1) * b])
+            sq = _pixel_dot(flat, flat)
+            # NaN or inf anywhere in a pixel's features shows in its sum of squares.
+            if not torch.isfinite(sq.sum()):
+                raise ValueError(f"{name} contains NaN or inf values")
+            inv_norms.append(sq.clamp_min_(_MIN_SQUARED_NORM).rsqrt_())
+        inv_norm = torch.cat(inv_norms)  # (V*B, 1, HW)
+        out.mul_(inv_norm).masked_fill_(~valid[None, :, None], _NO_PROTOTYPE)
+        ctx.save_for_backward(scaled, inv_norm, *flats)
+        ctx.dtypes = [v.dtype for v in views]
+        ctx.shapes = [v.shape for v in views]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        scaled, inv_norm, *flats = ctx.saved_tensors
+        b = flats[0].shape[0]
+        grads = []
+        for i, flat in enumerate(flats):
+            if not ctx.needs_input_grad[3 + i]:
+                grads.append(None)
+                continue
+            inv = inv_norm[i * b:(i + 1) * b]
+            g = torch.matmul(scaled.T, grad[i * b:(i + 1) * b])  # missing prototypes: zero rows
+            # Where the norm was clamped (a zero vector) it has no gradient.
+            clamped = inv >= inv.new_tensor(_MIN_SQUARED_NORM).rsqrt()
+            along = _pixel_dot(g, flat).mul_(inv.pow(3)).masked_fill_(clamped, 0.0)
+            grads.append(g.mul_(inv).addcmul_(flat, along, value=-1.0)
+                         .view(ctx.shapes[i]).to(ctx.dtypes[i]))
+        return None, None, None, *grads
 
 
 @torch.no_grad()
-def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int,
-                    views: int = 1) -> tuple[Tensor, Tensor]:
+def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """Each class's `top_k` most confident pixels of a (local) batch.
 
     confidence: (B, K, H, W) ranking map; feats: (B, D, H, W) projected features.
     Returns values (K, k) and features (K, k, D), k = min(top_k, B*H*W). The prototype of a
     data-parallel batch is the top-K of every rank's candidates (see `prototypes_from_candidates`).
-    With `views` V > 1 the batch is V views stacked (B = V*B'), each with its own pool: rows
-    (V*K, ...) in view-major order.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -182,12 +231,11 @@ def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int,
             "batch and spatial dimensions"
         )
     b, k, h, w = confidence.shape
-    conf = confidence.reshape(views, b // views, k, h * w).transpose(1, 2)
-    values, index = _stable_topk(conf.reshape(views * k, -1), top_k)  # pixels in (b, h, w) order
-    # Gather the k rows straight from the (V, B', D, H*W) maps: no (N, D) copy of the features.
-    flat = feats.detach().float().reshape(views, b // views, feats.shape[1], h * w)
-    view = torch.arange(views, device=index.device).repeat_interleave(k)[:, None]
-    return values, flat[view, index // (h * w), :, index % (h * w)]
+    values, index = _stable_topk(confidence.reshape(b, k, h * w).transpose(0, 1).reshape(k, -1),
+                                 top_k)  # pixels in (b, h, w) order
+    # Gather the k rows straight from the (B, D, H*W) maps: no (N, D) copy of the features.
+    flat = feats.detach().float().flatten(2)
+    return values, flat[index // (h * w), :, index % (h * w)]
 
 
 def _stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -313,27 +361,34 @@ def hard_pixel_weights(
     similarity: (N,) similarity to the own prototype (or any increasing function of it: only
     its order counts); y: (N,) labels in [0, num_classes). Returns (N,) float weights.
     """
-    n = y.shape[0]
     counts = torch.bincount(y, minlength=num_classes)
     start = counts.cumsum(0) - counts
     n_own = counts[y].double()  # float32 floors 0.65 * 180 to 116
-
-    class_key = y.double() * 2
+    # Integer keys sort by radix, ~10x faster than float keys on CPU; the class goes in the
+    # high bits so that one stable sort ranks every class block at once.
+    class_key = y << 33
 
     def rank_within_class(key: Tensor) -> Tensor:
-        # One sort of class + key in [0, 1] (float64 keeps a float32 key's order): positions
-        # inside each class block are the ranks.
         order = (class_key + key).argsort(stable=True)
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(n, device=y.device) - start[y[order]]
+        rank[order] = torch.arange(y.shape[0], device=y.device) - start[y[order]]
         return rank
 
-    noise = torch.rand(n, generator=generator, device="cpu").to(y.device, torch.float64)
-    in_random = rank_within_class(noise) < torch.floor(random_ratio * n_own)
-    key = similarity.detach().double()
-    sim_rank = rank_within_class((key - key.min()) / (key.max() - key.min()).clamp_min(1e-300))
+    noise = torch.rand(y.shape[0], generator=generator, device="cpu").to(y.device)
+    in_random = rank_within_class(_ordered_int(noise)) < torch.floor(random_ratio * n_own)
+    sim_rank = rank_within_class(_ordered_int(similarity.detach()))
     in_window = (sim_rank >= torch.floor(rank_lo * n_own)) & (sim_rank < torch.floor(rank_hi * n_own))
     return in_random.to(similarity.dtype) + in_window.to(similarity.dtype)
+
+
+def _ordered_int(x: Tensor) -> Tensor:
+    """int64 keys in [0, 2^32) that order (and tie) like the finite float values x (N,)."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return x.argsort(stable=True).argsort()  # ranks: exact for any dtype, just slower
+    bits = x.float().view(torch.int32).long()
+    # IEEE floats order like sign-magnitude integers; -0.0 and 0.0 both map to 2^31.
+    magnitude = bits & 0x7FFFFFFF
+    return torch.where(bits < 0, -magnitude, magnitude) + (1 << 31)
 
 
 def intra_view_contrast(
@@ -356,14 +411,16 @@ def intra_view_contrast(
     """
     _check_contrast_inputs(feats, y, prototypes, tau)
     valid = _has_prototype(prototypes)
-    return _intra_from_logits(_masked(feats @ prototypes.T / tau, valid), y, y, valid,
-                              neg_drop, neg_keep, random_ratio, rank_lo, rank_hi, generator)
+    table = _masked(feats @ prototypes.T / tau, valid).T  # (K, N): one block of K class rows
+    return _intra_contrast(table, torch.zeros(1, dtype=torch.long, device=y.device), y[None], 1,
+                           valid, neg_drop, neg_keep, random_ratio, rank_lo, rank_hi, generator)
 
 
-def _intra_from_logits(
-    logits: Tensor,
+def _intra_contrast(
+    table: Tensor,
+    first_row: Tensor,
     y: Tensor,
-    group: Tensor,
+    views: int,
     group_valid: Tensor,
     neg_drop: int,
     neg_keep: int,
@@ -372,26 +429,44 @@ def _intra_from_logits(
     rank_hi: float,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """`intra_view_contrast` given masked logits (M, K) (see `_masked`), for V stacked views.
+    """`intra_view_contrast` on a class-major logit table: G blocks of P pixels, V views.
 
-    y: (M,) labels in [0, K); group: (M,) = y + K * view in [0, V*K); group_valid: (V*K,) whether
-    each view's class has a prototype. Returns the mean over views of the per-view intra term.
+    table: (T, P) masked logits (see `_masked`); row first_row[g] + c holds class c of block g.
+    y: (G, P) labels in [0, K); blocks are view-major (G = V * blocks per view).
+    group_valid: (V*K,) whether each view's class has a prototype. Every logit the loss reads
+    comes from one gather along the class axis: its backward is a single scatter. Returns the
+    mean over views of the per-view intra term.
     """
+    blocks, p = y.shape
     num_groups = group_valid.shape[0]
-    neg = _semi_hard(logits, neg_drop, neg_keep)
-    pos = logits.gather(1, y[:, None])
-    per_pixel = -torch.cat([pos, logits.gather(1, neg)], dim=1).log_softmax(dim=1)[:, 0]
+    k = num_groups // views
+    group = (y + k * torch.arange(views, device=y.device).repeat_interleave(blocks // views)[:, None]
+             ).reshape(-1)
+    pos = table.detach().gather(0, first_row[:, None] + y).reshape(-1)
     # The logit is an increasing function of the similarity, so it ranks pixels alike.
-    weight = hard_pixel_weights(
-        pos[:, 0], group, num_groups, random_ratio, rank_lo, rank_hi, generator
-    ) * group_valid[group]
+    weight = hard_pixel_weights(pos, group, num_groups, random_ratio, rank_lo, rank_hi,
+                                generator) * group_valid[group]
+    # Mining only for the pixels that count, over the classes with a prototype in some view:
+    # missing prototypes rank last with a logit whose exp() is 0, so leaving them out changes
+    # neither the kept negatives nor the softmax.
+    sel = weight.nonzero()[:, 0]
+    g_sel, p_sel = sel // p, sel % p
+    cols = group_valid.view(views, k).any(dim=0).nonzero()[:, 0]
+    mined = table.detach()[first_row[g_sel, None] + cols, p_sel[:, None]]
+    neg = cols[_semi_hard(mined, neg_drop, neg_keep)]
+    # Class rows per pixel: the positive, then its negatives (unsampled pixels repeat the
+    # positive: finite, and weighted 0).
+    classes = y[:, None].repeat(1, 1 + neg.shape[1], 1)
+    classes[g_sel, 1:, p_sel] = neg
+    rows = (first_row[:, None, None] + classes).flatten(0, 1)
+    logits = table.gather(0, rows).view(classes.shape)
+    per_pixel = -logits.log_softmax(dim=1)[:, 0].reshape(-1)
     counts = torch.bincount(group, minlength=num_groups)
     loss_sum = torch.zeros(num_groups, dtype=per_pixel.dtype, device=y.device).index_add(
         0, group, per_pixel * weight
     )
     weight_sum = torch.zeros_like(loss_sum).index_add(0, group, weight)
     use = (counts >= 2) & (weight_sum > 0)
-    views = num_groups // logits.shape[1]
     class_mean = loss_sum / weight_sum.clamp_min(1e-12)
     # A view with no usable class adds a (graph-connected) zero, as the reference would.
     return _kept_mean(class_mean.view(views, -1), use.view(views, -1)).mean()
@@ -412,13 +487,12 @@ class PPCLoss(torch.nn.Module):
         self.cfg = cfg
         self.gather = gather
 
-    def prototypes(self, cam: Tensor, feats: Tensor, labels: Tensor,
-                   views: int = 1) -> tuple[Tensor, Tensor]:
-        """Pseudo labels (B*H*W,) and prototypes (V*(C+1), D) of V views stacked along B."""
+    def prototypes(self, cam: Tensor, feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Pseudo labels (B*H*W,) and prototypes (C+1, D) of one view."""
         norm, y = pseudo_labels(cam, labels, self.cfg.bg_threshold)
         rank = ranking_map(cam, norm, self.cfg.prototype_ranking)
         top_k = top_k_for(cam.shape[2], cam.shape[3], self.cfg.top_k_ratio)
-        values, cand = topk_candidates(rank, feats, top_k, views)
+        values, cand = topk_candidates(rank, feats, top_k)
         if self.gather is not None:
             values = self.gather(values.T.contiguous()).T
             cand = self.gather(cand.transpose(0, 1).contiguous()).transpose(0, 1)
@@ -449,31 +523,33 @@ class PPCLoss(torch.nn.Module):
             raise ValueError(
                 f"feats {tuple(feats_s.shape)} and cam {tuple(cam_s.shape)} must share batch and grid"
             )
-        _check_finite("feats_s", feats_s)
-        _check_finite("feats_t", feats_t)
         c = self.cfg
-        # The two views go through every step as one stacked batch: half the kernel launches.
-        feats = torch.cat([feats_s, feats_t])
-        y, both = self.prototypes(torch.cat([cam_s, cam_t]), feats, torch.cat([labels, labels]),
-                                  views=2)
-        k, n = both.shape[0] // 2, y.shape[0] // 2
+        y_s, proto_s = self.prototypes(cam_s, feats_s, labels)
+        y_t, proto_t = self.prototypes(cam_t, feats_t, labels)
+        both = torch.cat([proto_s, proto_t])
+        k, b, hw = proto_s.shape[0], feats_s.shape[0], cam_s[0, 0].numel()
         ok = _has_prototype(both)
-        # Every term needs one of four logit maps (each view against each prototype set).
-        lg = _masked(_pixel_logits(feats, both / c.tau), ok)  # (2N, 2K)
-        ss, st, ts, tt = lg[:n, :k], lg[:n, k:], lg[n:, :k], lg[n:, k:]
-        y_s, y_t, ok_s, ok_t = y[:n], y[n:], ok[:k], ok[k:]
+        # Every term reads one of four logit maps, each view against each prototype set:
+        # lg[v, i, j] = view v of image i against the prototypes of view j, (K, HW) per block.
+        lg = _CosineLogits.apply(both / c.tau, ok, ("feats_s", "feats_t"), feats_s, feats_t)
+        lg = lg.view(2, b, 2, k, hw)
 
-        # The four cross terms (cross-prototype: st, ts; cross-CAM: ss, tt) as one stacked
-        # cross-entropy: a few large ops instead of many small ones.
-        keep = torch.cat([ok_t[y_s], ok_s[y_t], ok_s[y_t], ok_t[y_s]]).view(4, n)
-        per_pixel = F.cross_entropy(torch.cat([st, ts, ss, tt]),
-                                    torch.cat([y_s, y_t, y_t, y_s]), reduction="none")
-        means = _kept_mean(per_pixel.view(4, n), keep)
-        cross_proto, cross_cam = means[:2].mean(), means[2:].mean()
-        neg_keep = max(1, round(c.neg_keep_ratio * k))
-        own = torch.cat([ss, tt])  # each view against its own prototypes
-        group = y + k * (torch.arange(2 * n, device=y.device) >= n)
-        intra = _intra_from_logits(own, y, group, ok, c.neg_drop, neg_keep, c.hard_random_ratio,
-                                   c.hard_rank_lo, c.hard_rank_hi, generator)
+        # The four cross terms as one cross-entropy over the blocks: a block against the
+        # prototypes of view j takes the labels of the other view (cross-prototype: v != j,
+        # cross-CAM: v == j).
+        y = torch.stack([y_s, y_t]).view(2, b, hw)
+        target = y.flip(0).transpose(0, 1).expand(2, b, 2, hw)
+        keep = ok[target + k * torch.arange(2, device=ok.device)[:, None]]
+        per_pixel = F.cross_entropy(lg.view(4 * b, k, hw), target.reshape(4 * b, hw),
+                                    reduction="none").view(2, b, 2, hw)
+        means = (per_pixel * keep).sum((1, 3)) / keep.sum((1, 3)).clamp_min(1)  # (view, set)
+        cross_proto, cross_cam = (means[0, 1] + means[1, 0]) / 2, (means[0, 0] + means[1, 1]) / 2
+
+        # Each view against its own prototypes: blocks (v, i, v) of the logit table.
+        view = torch.arange(2, device=y.device).repeat_interleave(b)
+        first_row = (2 * torch.arange(2 * b, device=y.device) + view) * k
+        intra = _intra_contrast(lg.view(-1, hw), first_row, y.view(2 * b, hw), 2, ok, c.neg_drop,
+                                max(1, round(c.neg_keep_ratio * k)), c.hard_random_ratio,
+                                c.hard_rank_lo, c.hard_rank_hi, generator)
         total = c.w_cross_proto * cross_proto + c.w_cross_cam * cross_cam + c.w_intra * intra
         return {"cross_proto": cross_proto, "cross_cam": cross_cam, "intra": intra, "total": total}

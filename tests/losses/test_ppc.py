@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from ppc_core.losses.ppc import (
     PPCConfig,
     PPCLoss,
+    _CosineLogits,
     estimate_prototypes,
     hard_pixel_weights,
     intra_view_contrast,
@@ -166,6 +167,28 @@ def test_gradients_reach_features_not_prototypes():
     assert not proto.requires_grad
 
 
+def test_hand_written_backward_matches_autograd_of_normalised_features():
+    g = torch.Generator().manual_seed(4)
+    views = [torch.randn(2, D, 3, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    views[0][1, :, 2, 4] = 0.0  # a zero vector: F.normalize keeps it zero, without gradient
+    views[0][0, :, 0, 0] *= 1e-13  # clamped norm too, but not zero
+    protos = F.normalize(torch.randn(6, D, generator=g, dtype=torch.float64), dim=1)
+    protos[2] = 0.0  # a class without prototype
+    valid = protos.abs().sum(1) > 0
+    weight = torch.randn(4, 6, 15, generator=g, dtype=torch.float64) * valid[:, None]
+
+    leaves = [v.clone().requires_grad_() for v in views]
+    out = _CosineLogits.apply(protos / 0.1, valid, ("a", "b"), *leaves)
+    (out * weight).sum().backward()
+    ref_leaves = [v.clone().requires_grad_() for v in views]
+    unit = torch.cat([F.normalize(v, dim=1, eps=1e-12).flatten(2) for v in ref_leaves])
+    ref = (protos / 0.1 @ unit).masked_fill(~valid[None, :, None], -1e9)
+    (ref * weight).sum().backward()
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-9)
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        assert torch.allclose(got.grad, want.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_fixed_generator_gives_identical_loss_and_terms_sum():
     cfg = PPCConfig()
     a = PPCLoss(cfg)(*_views(), torch.Generator().manual_seed(7))
@@ -217,6 +240,8 @@ def test_bad_inputs_raise_clear_errors():
         bad = f_s.clone()
         bad[0, 0, 0, 0] = math.nan
         loss(bad, cam_s, f_t, cam_t, labels)
+    with pytest.raises(ValueError, match="feats_t contains NaN or inf"):
+        loss(f_s, cam_s, f_t.clone().index_fill_(2, torch.tensor([1]), math.inf), cam_t, labels)
     with pytest.raises(ValueError, match="views must share"):
         loss(f_s[:, :, :4], cam_s, f_t, cam_t, labels)
     with pytest.raises(ValueError, match="labels"):

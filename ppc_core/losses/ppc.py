@@ -7,8 +7,9 @@ All functions are vectorised over pixels and classes.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,9 +123,8 @@ def pseudo_labels(cam: Tensor, labels: Tensor, bg_threshold: float = 0.20) -> tu
     if not 0.0 <= bg_threshold <= 1.0:
         raise ValueError(f"bg_threshold must be in [0, 1], got {bg_threshold}")
     norm = normalise_cam(cam)
+    norm[:, 1:] *= labels.to(norm.dtype)[:, :, None, None]
     norm[:, 0] = bg_threshold
-    mask = F.pad(labels.to(norm.dtype), (1, 0), value=1.0)[:, :, None, None]
-    norm = norm * mask
     # softmax is monotone, so argmax of the scores is argmax of the masked map itself; max()
     # returns the same first-maximum index and reduces over a strided dim ~4x faster on CPU.
     return norm, norm.max(dim=1).indices
@@ -152,15 +152,21 @@ def ranking_map(cam: Tensor, norm_cam: Tensor, mode: str = "complement") -> Tens
 _MIN_SQUARED_NORM = 1e-24
 
 
-def _pixel_dot(a: Tensor, b: Tensor) -> Tensor:
+def _pixel_dot(a: Tensor, b: Tensor, channels: Tensor | None = None) -> Tensor:
     """Per-pixel dot product over channels: a, b (B, D, HW) -> (B, 1, HW).
 
-    In chunks of ~1 MB: a full (B, D, HW) product would be a fresh buffer of the maps' size,
-    and on CPU the page faults of fresh large buffers cost more than the arithmetic.
+    channels: (D,) bool, the channels to sum over (default all). In chunks of ~2 MB: a full
+    (B, D, HW) product would be a fresh buffer of the maps' size, and on CPU the page faults
+    of fresh large buffers cost more than the arithmetic.
     """
-    step = max(1, (1 << 18) // a[0].numel())
-    return torch.cat([torch.linalg.vecdot(x, z, dim=1)
-                      for x, z in zip(a.split(step), b.split(step), strict=True)])[:, None]
+    step = max(1, (1 << 19) // a[0].numel())
+    dots = []
+    for x, z in zip(a.split(step), b.split(step), strict=True):
+        prod = x * z
+        if channels is not None:
+            prod.masked_fill_(~channels[:, None], 0.0)
+        dots.append(prod.sum(dim=1, keepdim=True))
+    return dots[0] if len(dots) == 1 else torch.cat(dots)
 
 
 class _CosineLogits(torch.autograd.Function):
@@ -181,61 +187,66 @@ class _CosineLogits(torch.autograd.Function):
                  for v in views]
         b, hw = flats[0].shape[0], flats[0].shape[2]
         out = scaled.new_empty(len(views) * b, scaled.shape[0], hw)
-        inv_norms = []
-        for i, (name, flat) in enumerate(zip(names, flats, strict=True)):
-            torch.matmul(scaled, flat, out=out[i * b:(i + 1) * b])
-            sq = _pixel_dot(flat, flat)
-            # NaN or inf anywhere in a pixel's features shows in its sum of squares.
-            if not torch.isfinite(sq.sum()):
-                raise ValueError(f"{name} contains NaN or inf values")
-            inv_norms.append(sq.clamp_min_(_MIN_SQUARED_NORM).rsqrt_())
-        inv_norm = torch.cat(inv_norms)  # (V*B, 1, HW)
+        batched = scaled.expand(b, -1, -1)
+        for i, flat in enumerate(flats):
+            torch.bmm(batched, flat, out=out[i * b:(i + 1) * b])
+        sq = torch.cat([_pixel_dot(flat, flat) for flat in flats])  # (V*B, 1, HW)
+        # NaN or inf anywhere in a pixel's features shows in its sum of squares.
+        finite = torch.isfinite(sq.view(len(views), -1).sum(dim=1))
+        if not finite.all():
+            raise ValueError(f"{names[int((~finite).nonzero()[0])]} contains NaN or inf values")
+        inv_norm = sq.clamp_min_(_MIN_SQUARED_NORM).rsqrt_()
         out.mul_(inv_norm).masked_fill_(~valid[None, :, None], _NO_PROTOTYPE)
-        ctx.save_for_backward(scaled, inv_norm, *flats)
+        ctx.save_for_backward(scaled, valid, inv_norm, out, *flats)
         ctx.dtypes = [v.dtype for v in views]
         ctx.shapes = [v.shape for v in views]
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        scaled, inv_norm, *flats = ctx.saved_tensors
-        b = flats[0].shape[0]
+        scaled, valid, inv_norm, out, *flats = ctx.saved_tensors
+        # G . f = sum_k grad_k (P_k . f) = |f| sum_k grad_k l_k over the prototypes that exist:
+        # a dot over K channels instead of D.
+        along = _pixel_dot(grad, out, valid).mul_(inv_norm.square())
+        # Where the norm was clamped (a zero vector) it has no gradient.
+        along.masked_fill_(inv_norm >= inv_norm.new_tensor(_MIN_SQUARED_NORM).rsqrt(), 0.0)
+        # One batched matmul for every view (missing prototypes: zero rows of P).
+        g = torch.bmm(scaled.T.expand(grad.shape[0], -1, -1), grad).mul_(inv_norm)
         grads = []
-        for i, flat in enumerate(flats):
-            if not ctx.needs_input_grad[3 + i]:
-                grads.append(None)
-                continue
-            inv = inv_norm[i * b:(i + 1) * b]
-            g = torch.matmul(scaled.T, grad[i * b:(i + 1) * b])  # missing prototypes: zero rows
-            # Where the norm was clamped (a zero vector) it has no gradient.
-            clamped = inv >= inv.new_tensor(_MIN_SQUARED_NORM).rsqrt()
-            along = _pixel_dot(g, flat).mul_(inv.pow(3)).masked_fill_(clamped, 0.0)
-            grads.append(g.mul_(inv).addcmul_(flat, along, value=-1.0)
-                         .view(ctx.shapes[i]).to(ctx.dtypes[i]))
+        for i, (flat, g_view) in enumerate(zip(flats, g.chunk(len(flats)), strict=True)):
+            rows = slice(i * flat.shape[0], (i + 1) * flat.shape[0])
+            grads.append(g_view.addcmul_(flat, along[rows], value=-1.0)
+                         .view(ctx.shapes[i]).to(ctx.dtypes[i])
+                         if ctx.needs_input_grad[3 + i] else None)
         return None, None, None, *grads
 
 
 @torch.no_grad()
-def topk_candidates(confidence: Tensor, feats: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+def topk_candidates(confidence: Tensor, feats: Tensor | Sequence[Tensor],
+                    top_k: int) -> tuple[Tensor, Tensor]:
     """Each class's `top_k` most confident pixels of a (local) batch.
 
     confidence: (B, K, H, W) ranking map; feats: (B, D, H, W) projected features.
     Returns values (K, k) and features (K, k, D), k = min(top_k, B*H*W). The prototype of a
     data-parallel batch is the top-K of every rank's candidates (see `prototypes_from_candidates`).
+    With V views, feats is the sequence of their maps and confidence their maps stacked
+    along B: each view is its own pool, rows (V*K, ...) view-major.
     """
+    views = [feats] if isinstance(feats, Tensor) else list(feats)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if confidence.shape[0] != feats.shape[0] or confidence.shape[2:] != feats.shape[2:]:
-        raise ValueError(
-            f"norm_cam {tuple(confidence.shape)} and feats {tuple(feats.shape)} must share "
-            "batch and spatial dimensions"
-        )
     b, k, h, w = confidence.shape
-    values, index = _stable_topk(confidence.reshape(b, k, h * w).transpose(0, 1).reshape(k, -1),
-                                 top_k)  # pixels in (b, h, w) order
+    if any(f.shape[0] * len(views) != b or f.shape[2:] != confidence.shape[2:] for f in views):
+        raise ValueError(
+            f"norm_cam {tuple(confidence.shape)} and feats {[tuple(f.shape) for f in views]} "
+            "must share batch and spatial dimensions"
+        )
+    pools = confidence.reshape(len(views), b // len(views), k, h * w).transpose(1, 2)
+    values, index = _stable_topk(pools.reshape(len(views) * k, -1), top_k)  # (b, h, w) order
     # Gather the k rows straight from the (B, D, H*W) maps: no (N, D) copy of the features.
-    flat = feats.detach().float().flatten(2)
-    return values, flat[index // (h * w), :, index % (h * w)]
+    cand = [f.detach().float().flatten(2)[i // (h * w), :, i % (h * w)]
+            for f, i in zip(views, index.chunk(len(views)), strict=True)]
+    return values, cand[0] if len(cand) == 1 else torch.cat(cand)
 
 
 def _stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -264,10 +275,9 @@ def prototypes_from_candidates(values: Tensor, cand: Tensor, top_k: int) -> Tens
     if values.shape[1] > top_k:  # candidates of several processes: keep the global top-K
         values, index = _stable_topk(values, top_k)
         cand = cand.gather(1, index[:, :, None].expand(-1, -1, cand.shape[2]))
-    weight = values.sum(dim=1, keepdim=True)
-    proto = torch.einsum("km,kmd->kd", values, cand) / weight.clamp_min(1e-12)
-    proto = F.normalize(proto, dim=1)
-    return torch.where(weight > 0, proto, torch.zeros_like(proto))
+    # A class with no weight has all-zero candidates' sum, which stays zero through both divisions.
+    proto = torch.bmm(values[:, None], cand)[:, 0] / values.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return proto / proto.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -361,24 +371,28 @@ def hard_pixel_weights(
     similarity: (N,) similarity to the own prototype (or any increasing function of it: only
     its order counts); y: (N,) labels in [0, num_classes). Returns (N,) float weights.
     """
+    n = y.shape[0]
     counts = torch.bincount(y, minlength=num_classes)
+    # Per class: the random share and the window's ends (float64: float32 floors 0.65 * 180
+    # to 116), then looked up per pixel.
+    ratios = torch.tensor([random_ratio, rank_lo, rank_hi], dtype=torch.float64, device=y.device)
+    share, lo, hi = torch.floor(ratios[:, None] * counts).long().index_select(1, y)
+    # Both rankings (random noise, similarity) in one stable sort of int64 keys (radix: ~10x
+    # faster than float keys on CPU): ranking r of class c is block r * num_classes + c, in
+    # the high bits, so that every block is ranked at once.
+    block = torch.cat([y, y + num_classes])
+    noise = torch.rand(n, generator=generator, device="cpu").to(y.device)
+    both = torch.cat([noise, similarity.detach()])  # promotes to the wider type: order kept
+    keys = _ordered_int(both) + (block << 33)
+    order = keys.argsort(stable=True)
     start = counts.cumsum(0) - counts
-    n_own = counts[y].double()  # float32 floors 0.65 * 180 to 116
-    # Integer keys sort by radix, ~10x faster than float keys on CPU; the class goes in the
-    # high bits so that one stable sort ranks every class block at once.
-    class_key = y << 33
-
-    def rank_within_class(key: Tensor) -> Tensor:
-        order = (class_key + key).argsort(stable=True)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(y.shape[0], device=y.device) - start[y[order]]
-        return rank
-
-    noise = torch.rand(y.shape[0], generator=generator, device="cpu").to(y.device)
-    in_random = rank_within_class(_ordered_int(noise)) < torch.floor(random_ratio * n_own)
-    sim_rank = rank_within_class(_ordered_int(similarity.detach()))
-    in_window = (sim_rank >= torch.floor(rank_lo * n_own)) & (sim_rank < torch.floor(rank_hi * n_own))
-    return in_random.to(similarity.dtype) + in_window.to(similarity.dtype)
+    block_start = torch.cat([start, start + n])
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(2 * n, device=y.device) - block_start.index_select(
+        0, block.index_select(0, order))
+    sim_rank = rank[n:]
+    return ((rank[:n] < share).to(similarity.dtype)
+            + ((sim_rank >= lo) & (sim_rank < hi)).to(similarity.dtype))
 
 
 def _ordered_int(x: Tensor) -> Tensor:
@@ -412,14 +426,16 @@ def intra_view_contrast(
     _check_contrast_inputs(feats, y, prototypes, tau)
     valid = _has_prototype(prototypes)
     table = _masked(feats @ prototypes.T / tau, valid).T  # (K, N): one block of K class rows
-    return _intra_contrast(table, torch.zeros(1, dtype=torch.long, device=y.device), y[None], 1,
-                           valid, neg_drop, neg_keep, random_ratio, rank_lo, rank_hi, generator)
+    zero = torch.zeros(1, 1, dtype=torch.long, device=y.device)
+    return _intra_contrast(table, zero[0], y[None], zero, 1, valid, neg_drop, neg_keep,
+                           random_ratio, rank_lo, rank_hi, generator)
 
 
 def _intra_contrast(
     table: Tensor,
     first_row: Tensor,
     y: Tensor,
+    group_offset: Tensor,
     views: int,
     group_valid: Tensor,
     neg_drop: int,
@@ -432,28 +448,27 @@ def _intra_contrast(
     """`intra_view_contrast` on a class-major logit table: G blocks of P pixels, V views.
 
     table: (T, P) masked logits (see `_masked`); row first_row[g] + c holds class c of block g.
-    y: (G, P) labels in [0, K); blocks are view-major (G = V * blocks per view).
+    y: (G, P) labels in [0, K); group_offset: (G, 1) = K * (view of block g), V views.
     group_valid: (V*K,) whether each view's class has a prototype. Every logit the loss reads
     comes from one gather along the class axis: its backward is a single scatter. Returns the
     mean over views of the per-view intra term.
     """
-    blocks, p = y.shape
+    p = y.shape[1]
     num_groups = group_valid.shape[0]
     k = num_groups // views
-    group = (y + k * torch.arange(views, device=y.device).repeat_interleave(blocks // views)[:, None]
-             ).reshape(-1)
+    group = (y + group_offset).reshape(-1)
     pos = table.detach().gather(0, first_row[:, None] + y).reshape(-1)
     # The logit is an increasing function of the similarity, so it ranks pixels alike.
     weight = hard_pixel_weights(pos, group, num_groups, random_ratio, rank_lo, rank_hi,
-                                generator) * group_valid[group]
+                                generator) * group_valid.index_select(0, group)
     # Mining only for the pixels that count, over the classes with a prototype in some view:
     # missing prototypes rank last with a logit whose exp() is 0, so leaving them out changes
     # neither the kept negatives nor the softmax.
     sel = weight.nonzero()[:, 0]
     g_sel, p_sel = sel // p, sel % p
     cols = group_valid.view(views, k).any(dim=0).nonzero()[:, 0]
-    mined = table.detach()[first_row[g_sel, None] + cols, p_sel[:, None]]
-    neg = cols[_semi_hard(mined, neg_drop, neg_keep)]
+    mined = table.detach()[first_row.index_select(0, g_sel)[:, None] + cols, p_sel[:, None]]
+    neg = cols.take(_semi_hard(mined, neg_drop, neg_keep))
     # Class rows per pixel: the positive, then its negatives (unsampled pixels repeat the
     # positive: finite, and weighted 0).
     classes = y[:, None].repeat(1, 1 + neg.shape[1], 1)
@@ -470,6 +485,21 @@ def _intra_contrast(
     class_mean = loss_sum / weight_sum.clamp_min(1e-12)
     # A view with no usable class adds a (graph-connected) zero, as the reference would.
     return _kept_mean(class_mean.view(views, -1), use.view(views, -1)).mean()
+
+
+@functools.lru_cache(maxsize=16)
+def _block_layout(b: int, k: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Index constants of the (2, B, 2, K, HW) logit table of two views, per shape.
+
+    Returns first_row (2B,): table row of class 0 of block (v, i, v), each view against its own
+    prototypes; group_offset (2B, 1) = K * v; set_offset (2, 1) = K * j for prototype set j;
+    mix (4, 2): (view, set) means -> (cross-prototype, cross-CAM) terms, each the average of
+    two directions (cross-prototype: v != j, cross-CAM: v == j).
+    """
+    view = torch.arange(2, device=device).repeat_interleave(b)
+    first_row = (2 * torch.arange(2 * b, device=device) + view) * k
+    mix = torch.tensor([[0.0, 0.5], [0.5, 0.0], [0.5, 0.0], [0.0, 0.5]], device=device)
+    return first_row, (k * view)[:, None], k * torch.arange(2, device=device)[:, None], mix
 
 
 GatherFn = Callable[[Tensor], Tensor]
@@ -489,14 +519,20 @@ class PPCLoss(torch.nn.Module):
 
     def prototypes(self, cam: Tensor, feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Pseudo labels (B*H*W,) and prototypes (C+1, D) of one view."""
+        y, ranking = self._labels_and_ranking(cam, labels)
+        return y.reshape(-1), self._prototypes(ranking, feats)
+
+    def _labels_and_ranking(self, cam: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         norm, y = pseudo_labels(cam, labels, self.cfg.bg_threshold)
-        rank = ranking_map(cam, norm, self.cfg.prototype_ranking)
-        top_k = top_k_for(cam.shape[2], cam.shape[3], self.cfg.top_k_ratio)
-        values, cand = topk_candidates(rank, feats, top_k)
+        return y, ranking_map(cam, norm, self.cfg.prototype_ranking)
+
+    def _prototypes(self, ranking: Tensor, feats: Tensor | Sequence[Tensor]) -> Tensor:
+        top_k = top_k_for(ranking.shape[2], ranking.shape[3], self.cfg.top_k_ratio)
+        values, cand = topk_candidates(ranking, feats, top_k)
         if self.gather is not None:
             values = self.gather(values.T.contiguous()).T
             cand = self.gather(cand.transpose(0, 1).contiguous()).transpose(0, 1)
-        return y.reshape(-1), prototypes_from_candidates(values, cand, top_k)
+        return prototypes_from_candidates(values, cand, top_k)
 
     def forward(
         self,
@@ -524,10 +560,11 @@ class PPCLoss(torch.nn.Module):
                 f"feats {tuple(feats_s.shape)} and cam {tuple(cam_s.shape)} must share batch and grid"
             )
         c = self.cfg
-        y_s, proto_s = self.prototypes(cam_s, feats_s, labels)
-        y_t, proto_t = self.prototypes(cam_t, feats_t, labels)
-        both = torch.cat([proto_s, proto_t])
-        k, b, hw = proto_s.shape[0], feats_s.shape[0], cam_s[0, 0].numel()
+        b, k, h, w = cam_s.shape
+        hw = h * w
+        # Pseudo labels of both views in one pass; each view has its own prototypes.
+        y, ranking = self._labels_and_ranking(torch.cat([cam_s, cam_t]), labels.repeat(2, 1))
+        both = self._prototypes(ranking, (feats_s, feats_t))
         ok = _has_prototype(both)
         # Every term reads one of four logit maps, each view against each prototype set:
         # lg[v, i, j] = view v of image i against the prototypes of view j, (K, HW) per block.
@@ -537,19 +574,17 @@ class PPCLoss(torch.nn.Module):
         # The four cross terms as one cross-entropy over the blocks: a block against the
         # prototypes of view j takes the labels of the other view (cross-prototype: v != j,
         # cross-CAM: v == j).
-        y = torch.stack([y_s, y_t]).view(2, b, hw)
+        y = y.view(2, b, hw)
+        first_row, group_offset, set_offset, mix = _block_layout(b, k, lg.device)
         target = y.flip(0).transpose(0, 1).expand(2, b, 2, hw)
-        keep = ok[target + k * torch.arange(2, device=ok.device)[:, None]]
+        keep = ok.take(target + set_offset)
         per_pixel = F.cross_entropy(lg.view(4 * b, k, hw), target.reshape(4 * b, hw),
                                     reduction="none").view(2, b, 2, hw)
         means = (per_pixel * keep).sum((1, 3)) / keep.sum((1, 3)).clamp_min(1)  # (view, set)
-        cross_proto, cross_cam = (means[0, 1] + means[1, 0]) / 2, (means[0, 0] + means[1, 1]) / 2
+        cross_proto, cross_cam = (means.view(1, 4) @ mix.to(means.dtype))[0].unbind()
 
-        # Each view against its own prototypes: blocks (v, i, v) of the logit table.
-        view = torch.arange(2, device=y.device).repeat_interleave(b)
-        first_row = (2 * torch.arange(2 * b, device=y.device) + view) * k
-        intra = _intra_contrast(lg.view(-1, hw), first_row, y.view(2 * b, hw), 2, ok, c.neg_drop,
-                                max(1, round(c.neg_keep_ratio * k)), c.hard_random_ratio,
-                                c.hard_rank_lo, c.hard_rank_hi, generator)
+        intra = _intra_contrast(lg.view(-1, hw), first_row, y.view(2 * b, hw), group_offset, 2, ok,
+                                c.neg_drop, max(1, round(c.neg_keep_ratio * k)),
+                                c.hard_random_ratio, c.hard_rank_lo, c.hard_rank_hi, generator)
         total = c.w_cross_proto * cross_proto + c.w_cross_cam * cross_cam + c.w_intra * intra
         return {"cross_proto": cross_proto, "cross_cam": cross_cam, "intra": intra, "total": total}

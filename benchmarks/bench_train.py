@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -46,6 +47,26 @@ def time_steps(objective: Objective, args: argparse.Namespace) -> list[float]:
     return times
 
 
+def loop_step_seconds(use_ppc: bool, steps: int) -> float:
+    """Seconds per step of the real training loop at the default preset (data loading, AdamW,
+    Accelerate), PPC on from the first step: `steps` timed steps after as many warm-up steps;
+    evaluation and checkpoints fall outside the timed steps."""
+    from hydra import compose, initialize_config_module
+
+    from experiments.config import to_run_config
+    from experiments.train import run
+
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [f"train.output_dir={out}", f"train.steps={2 * steps}", f"train.log_every={steps}",
+                     "eval.every=1000000", "train.checkpoint_every=1000000", "track.trackers=[]",
+                     "loss.ppc_start_step=0", "loss.ppc_ramp_steps=0",
+                     f"loss.use_ppc={str(use_ppc).lower()}"]
+        with initialize_config_module("experiments.conf", version_base=None):
+            cfg = to_run_config(compose("config", overrides=overrides))
+        logs = run(cfg)["last_logs"]  # throughput over the last log interval: the timed steps
+    return cfg.train.batch_size / logs["images_per_s"]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -58,20 +79,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--loop", action="store_true",
+                   help="time the real training loop at the default preset instead (CPU; "
+                        "--steps steps after as many warm-up steps, 3 runs of each setting)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     # Interleave the two settings so background load hits both alike.
     runs: dict[str, list[float]] = {"CAM only": [], "CAM + PPC": []}
-    for _ in range(2):
-        runs["CAM only"] += time_steps(Objective(None, args.target), args)
-        runs["CAM + PPC"] += time_steps(Objective(PPCLoss(PPCConfig()), args.target), args)
+    for _ in range(3 if args.loop else 2):
+        if args.loop:
+            runs["CAM only"].append(loop_step_seconds(False, args.steps))
+            runs["CAM + PPC"].append(loop_step_seconds(True, args.steps))
+        else:
+            runs["CAM only"] += time_steps(Objective(None, args.target), args)
+            runs["CAM + PPC"] += time_steps(Objective(PPCLoss(PPCConfig()), args.target), args)
     base = statistics.median(runs["CAM only"])
     for name, times in runs.items():
         med = statistics.median(times)
         rows.append((name, med * 1e3, args.batch / med, (med - base) / med * 100))
-    print(f"device {args.device}, {args.backbone}, batch {args.batch}, {args.size}px -> "
-          f"{args.target}px target view, {args.threads} threads, bf16={args.bf16}")
+    if args.loop:
+        print(f"training loop, default preset (cpu), {args.threads} threads, medians of 3 runs")
+    else:
+        print(f"device {args.device}, {args.backbone}, batch {args.batch}, {args.size}px -> "
+              f"{args.target}px target view, {args.threads} threads, bf16={args.bf16}")
     print("| setting | ms / step (median) | images / s | PPC share of step |")
     print("|---|---|---|---|")
     for name, ms, ips, share in rows:

@@ -176,7 +176,7 @@ class _CosineLogits(torch.autograd.Function):
     (V,) of the views for error messages, then V maps (B, D, H, W). Returns (V*B, K, H*W), class
     axis in the middle as the batched matmul writes it; columns of missing prototypes hold
     `_NO_PROTOTYPE`. The hand-written backward, G / |f| - (G . f) f / |f|^3 with G = P.T @ grad,
-    allocates one (B, D, H*W) gradient per view and nothing else of that size (autograd through
+    allocates the (V*B, D, H*W) feature gradient and nothing else of that size (autograd through
     f / |f| allocates several).
     """
 

@@ -213,9 +213,9 @@ class _CosineLogits(torch.autograd.Function):
         # One batched matmul for every view (missing prototypes: zero rows of P).
         g = torch.bmm(scaled.T.expand(grad.shape[0], -1, -1), grad).mul_(inv_norm)
         grads = []
-        for i, (flat, g_view) in enumerate(zip(flats, g.chunk(len(flats)), strict=True)):
-            rows = slice(i * flat.shape[0], (i + 1) * flat.shape[0])
-            grads.append(g_view.addcmul_(flat, along[rows], value=-1.0)
+        views = zip(flats, g.chunk(len(flats)), along.chunk(len(flats)), strict=True)
+        for i, (flat, g_view, along_view) in enumerate(views):
+            grads.append(g_view.addcmul_(flat, along_view, value=-1.0)
                          .view(ctx.shapes[i]).to(ctx.dtypes[i])
                          if ctx.needs_input_grad[3 + i] else None)
         return None, None, None, *grads
@@ -321,10 +321,10 @@ def _check_contrast_inputs(feats: Tensor, y: Tensor, prototypes: Tensor, tau: fl
     _check_finite("feats", feats)
 
 
-def _kept_mean(values: Tensor, keep: Tensor) -> Tensor:
-    """Mean of `values` over the last dim where `keep` (bool, same shape); where nothing is kept,
+def _kept_mean(values: Tensor, keep: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
+    """Mean of `values` over `dim` where `keep` (bool, same shape); where nothing is kept,
     a zero that stays in the graph. Excluded values only need to be finite."""
-    return (values * keep).sum(dim=-1) / keep.sum(dim=-1).clamp_min(1)
+    return (values * keep).sum(dim=dim) / keep.sum(dim=dim).clamp_min(1)
 
 
 def prototype_contrast(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float) -> Tensor:
@@ -580,7 +580,7 @@ class PPCLoss(torch.nn.Module):
         keep = ok.take(target + set_offset)
         per_pixel = F.cross_entropy(lg.view(4 * b, k, hw), target.reshape(4 * b, hw),
                                     reduction="none").view(2, b, 2, hw)
-        means = (per_pixel * keep).sum((1, 3)) / keep.sum((1, 3)).clamp_min(1)  # (view, set)
+        means = _kept_mean(per_pixel, keep, dim=(1, 3))  # (view, set)
         cross_proto, cross_cam = (means.view(1, 4) @ mix.to(means.dtype))[0].unbind()
 
         intra = _intra_contrast(lg.view(-1, hw), first_row, y.view(2 * b, hw), group_offset, 2, ok,

@@ -202,21 +202,24 @@ def test_dockerfile_layout(dockerfile: Path):
     assert json.loads(next(a for k, a in ins if k == "CMD")) == ["--help"]
 
 
-def test_cuda_image_matches_torch_build():
-    ins = dockerfile_instructions(DOCKER / "Dockerfile")
+def _image_base_and_args(path: Path) -> tuple[list[tuple[str, str]], str, dict[str, str]]:
+    """A Dockerfile's instructions, its first FROM image and its ARG defaults."""
+    ins = dockerfile_instructions(path)
     base = next(a for k, a in ins if k == "FROM").split()[0]
+    return ins, base, dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
+
+
+def test_cuda_image_matches_torch_build():
+    _, base, args = _image_base_and_args(DOCKER / "Dockerfile")
     assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-(cudnn-)?runtime-ubuntu24\.04", base), base
-    args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
     assert args["TORCH_INDEX_URL"].rstrip("/").endswith("/cu130")
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(re.fullmatch(r"torch==2\.14\.\d+", p.strip()) for p in pins), pins
 
 
 def test_cpu_image_uses_cpu_wheels():
-    ins = dockerfile_instructions(DOCKER / "Dockerfile.cpu")
-    base = next(a for k, a in ins if k == "FROM").split()[0]
+    ins, base, args = _image_base_and_args(DOCKER / "Dockerfile.cpu")
     assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", base), base
-    args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
     assert args["TORCH_INDEX_URL"].rstrip("/").endswith("/whl/cpu")
     assert any(k == "RUN" and "${TORCH_INDEX_URL}" in a for k, a in ins)
 

@@ -11,5 +11,7 @@ if __name__ == "__main__":
     bench_ppc_loss.main([])
     print("\n## Training throughput, PPC on and off\n")
     bench_train.main([])
+    print()
+    bench_train.main(["--preset"])
     print("\n## Sweep orchestration\n")
     bench_sweep.main(["--budget", "60"])

@@ -1,6 +1,8 @@
 """Training throughput with PPC on and off, and PPC's share of a step.
 
-`python -m benchmarks.bench_train` (CPU, the default `digits` preset's model and sizes), or
+`python -m benchmarks.bench_train` (CPU, the default `digits` preset's model and sizes on random
+tensors, SGD), `--preset` (the default preset's whole step: a batch from its data loader, both
+views, the objective, AdamW), `--loop` (the real training loop, whole runs), or
 `python -m benchmarks.bench_train --device cuda --backbone resnet50 --size 448 --target 128
 --batch 8` on a GPU. Prints a markdown table. Target: PPC adds at most 10% to a step.
 """
@@ -8,21 +10,54 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from ppc_core.losses.ppc import PPCConfig, PPCLoss
 from ppc_core.models import build_model
 from ppc_core.objective import Objective
 
+Batch = Callable[[], tuple[Tensor, Tensor]]
+_BLOCK = 5
+_LOOP_RUNS = 5
 
-def time_steps(objective: Objective, args: argparse.Namespace) -> list[float]:
-    """Seconds per optimiser step (forward of both views, loss, backward, SGD step)."""
+
+def interleaved_steps(objectives: dict[str, Objective], model: nn.Module,
+                      optimizer: torch.optim.Optimizer, next_batch: Batch, steps: int,
+                      warmup: int, device: torch.device, bf16: bool = False) -> dict[str, list[float]]:
+    """Seconds per optimiser step (next_batch(), both views, the objective, backward, step) for
+    each objective. They take turns in blocks of `_BLOCK` timed steps, each block after one
+    untimed step, so that background load and drift fall on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in objectives}
+    for block in range(-(-warmup // _BLOCK) + -(-steps // _BLOCK)):
+        for name, objective in objectives.items():
+            for i in range(1 + _BLOCK):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                tic = time.perf_counter()
+                images, labels = next_batch()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    terms = objective(model, images, labels, 1.0, torch.Generator().manual_seed(i))
+                optimizer.zero_grad()
+                sum(terms.values()).backward()
+                optimizer.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i > 0 and block * _BLOCK >= warmup:
+                    times[name].append(time.perf_counter() - tic)
+    return times
+
+
+def synthetic_steps(args: argparse.Namespace) -> dict[str, list[float]]:
+    """The model and sizes from the command line, one fixed random batch, SGD."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model(args.backbone, args.classes).to(device)
@@ -30,39 +65,70 @@ def time_steps(objective: Objective, args: argparse.Namespace) -> list[float]:
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     labels = (torch.rand(args.batch, args.classes, device=device) < 0.2).float()
     labels[:, 0] = 1
-    times = []
-    for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            terms = objective(model, images, labels, 1.0, torch.Generator().manual_seed(i))
-        opt.zero_grad()
-        sum(terms.values()).backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - tic)
-    return times
+    objectives = {"CAM only": Objective(None, args.target),
+                  "CAM + PPC": Objective(PPCLoss(PPCConfig()), args.target)}
+    return interleaved_steps(objectives, model, opt, lambda: (images, labels), args.steps,
+                             args.warmup, device, args.bf16)
+
+
+def _preset(overrides: Sequence[str] = ()):  # noqa: ANN202 - experiments.config.RunConfig
+    from hydra import compose, initialize_config_module
+
+    from experiments.config import to_run_config
+
+    with initialize_config_module("experiments.conf", version_base=None):
+        return to_run_config(compose("config", overrides=list(overrides)))
+
+
+def preset_steps(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]:
+    """The default preset's step, built as `experiments.train.run` builds it (its data set and
+    loader, model, optimiser and objective; CPU), without Accelerate's bookkeeping. Returns the
+    times and the batch size."""
+    from torch.utils.data import DataLoader
+
+    from ppc_core.data import build_dataset, dataset_info
+    from ppc_core.optim import build_optimizer
+
+    cfg = _preset()
+    d, m, o = cfg.data, cfg.model, cfg.optim
+    torch.manual_seed(0)
+    train_set = build_dataset(d.name, d.train_split, True, d.crop_size, d.root,
+                              num_images=d.num_images)
+    model = build_model(m.backbone, dataset_info(d.name).num_classes, m.output_stride,
+                        m.proj_dim, m.pcm, m.pretrained, m.freeze_bn)
+    opt = build_optimizer(model.param_groups(o.weight_decay), o.name, o.lr, o.momentum,
+                          o.group_lr_mults)
+    loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                        num_workers=d.num_workers)
+    batches = iter(())
+
+    def next_batch() -> tuple[Tensor, Tensor]:
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        return batch["image"], batch["label"]
+
+    objectives = {"CAM only": Objective(None, d.target_size, d.target_flip),
+                  "CAM + PPC": Objective(PPCLoss(cfg.ppc), d.target_size, d.target_flip)}
+    times = interleaved_steps(objectives, model, opt, next_batch, args.steps, args.warmup,
+                              torch.device("cpu"))
+    return times, cfg.train.batch_size
 
 
 def loop_step_seconds(use_ppc: bool, steps: int) -> float:
     """Seconds per step of the real training loop at the default preset (data loading, AdamW,
     Accelerate), PPC on from the first step: `steps` timed steps after as many warm-up steps;
     evaluation and checkpoints fall outside the timed steps."""
-    from hydra import compose, initialize_config_module
-
-    from experiments.config import to_run_config
     from experiments.train import run
 
     with tempfile.TemporaryDirectory() as out:
-        overrides = [f"train.output_dir={out}", f"train.steps={2 * steps}", f"train.log_every={steps}",
-                     "eval.every=1000000", "train.checkpoint_every=1000000", "track.trackers=[]",
-                     "loss.ppc_start_step=0", "loss.ppc_ramp_steps=0",
-                     f"loss.use_ppc={str(use_ppc).lower()}"]
-        with initialize_config_module("experiments.conf", version_base=None):
-            cfg = to_run_config(compose("config", overrides=overrides))
+        cfg = _preset([f"train.output_dir={out}", f"train.steps={2 * steps}",
+                       f"train.log_every={steps}", "eval.every=1000000",
+                       "train.checkpoint_every=1000000", "track.trackers=[]",
+                       "loss.ppc_start_step=0", "loss.ppc_ramp_steps=0",
+                       f"loss.use_ppc={str(use_ppc).lower()}"])
         logs = run(cfg)["last_logs"]  # throughput over the last log interval: the timed steps
     return cfg.train.batch_size / logs["images_per_s"]
 
@@ -75,38 +141,44 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=64, help="source view (crop) size")
     p.add_argument("--target", type=int, default=32, help="target view size")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--loop", action="store_true",
-                   help="time the real training loop at the default preset instead (CPU; "
-                        "--steps steps after as many warm-up steps, 3 runs of each setting)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--preset", action="store_true",
+                      help="the default preset's whole step (its data loader and AdamW; CPU)")
+    mode.add_argument("--loop", action="store_true",
+                      help="the real training loop at the default preset (CPU; --steps steps "
+                           f"after as many warm-up steps, {_LOOP_RUNS} runs of each setting)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = []
-    # Interleave the two settings so background load hits both alike.
-    runs: dict[str, list[float]] = {"CAM only": [], "CAM + PPC": []}
-    for _ in range(3 if args.loop else 2):
-        if args.loop:
-            runs["CAM only"].append(loop_step_seconds(False, args.steps))
-            runs["CAM + PPC"].append(loop_step_seconds(True, args.steps))
-        else:
-            runs["CAM only"] += time_steps(Objective(None, args.target), args)
-            runs["CAM + PPC"] += time_steps(Objective(PPCLoss(PPCConfig()), args.target), args)
-    base = statistics.median(runs["CAM only"])
-    for name, times in runs.items():
-        med = statistics.median(times)
-        rows.append((name, med * 1e3, args.batch / med, (med - base) / med * 100))
+    batch = args.batch
     if args.loop:
-        print(f"training loop, default preset (cpu), {args.threads} threads, medians of 3 runs")
+        # Whole runs take turns, so background load falls on both settings alike; their
+        # progress bars are not what this prints.
+        runs: dict[str, list[float]] = {"CAM only": [], "CAM + PPC": []}
+        with contextlib.redirect_stderr(io.StringIO()):
+            for _ in range(_LOOP_RUNS):
+                runs["CAM only"].append(loop_step_seconds(False, args.steps))
+                runs["CAM + PPC"].append(loop_step_seconds(True, args.steps))
+        batch = _preset().train.batch_size
+        print(f"training loop, default preset (cpu), {args.threads} threads, "
+              f"medians of {_LOOP_RUNS} runs")
+    elif args.preset:
+        runs, batch = preset_steps(args)
+        print(f"default preset's step (data loader, AdamW; cpu), {args.threads} threads")
     else:
+        runs = synthetic_steps(args)
         print(f"device {args.device}, {args.backbone}, batch {args.batch}, {args.size}px -> "
               f"{args.target}px target view, {args.threads} threads, bf16={args.bf16}")
-    print("| setting | ms / step (median) | images / s | PPC share of step |")
-    print("|---|---|---|---|")
-    for name, ms, ips, share in rows:
-        print(f"| {name} | {ms:.1f} | {ips:.1f} | {share:.1f}% |")
+    base = statistics.median(runs["CAM only"])
+    print("| setting | ms / step (median) | images / s | added to a CAM-only step | PPC share of step |")
+    print("|---|---|---|---|---|")
+    for name, times in runs.items():
+        med = statistics.median(times)
+        print(f"| {name} | {med * 1e3:.1f} | {batch / med:.1f} | {(med - base) / base * 100:.1f}% "
+              f"| {(med - base) / med * 100:.1f}% |")
 
 
 if __name__ == "__main__":

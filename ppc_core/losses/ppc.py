@@ -93,7 +93,8 @@ def normalise_cam(cam: Tensor) -> Tensor:
     cam: (B, K, H, W) raw scores. Returns (B, K, H, W); pixels at the minimum are 0. The same
     normalisation as SEAM's terms, so pseudo labels and the ER / ECR targets agree.
     """
-    return max_norm(cam.detach().float(), _EPS)
+    cam = cam.detach()
+    return max_norm(cam if cam.dtype == torch.float32 else cam.float(), _EPS)
 
 
 def _validate_cam_labels(cam: Tensor, labels: Tensor) -> None:
@@ -104,10 +105,13 @@ def _validate_cam_labels(cam: Tensor, labels: Tensor) -> None:
             f"labels must be (B, C) = ({cam.shape[0]}, {cam.shape[1] - 1}) to match cam "
             f"{tuple(cam.shape)}, got {tuple(labels.shape)}"
         )
-    if not (labels.sum(dim=1) > 0).all():
-        bad = (labels.sum(dim=1) <= 0).nonzero().flatten().tolist()
-        raise ValueError(f"labels: images {bad} have no foreground class")
-    _check_finite("cam", cam)
+    has_fg = labels.sum(dim=1) > 0
+    # One sync for both checks; NaN or inf anywhere makes the CAM's sum non-finite.
+    if not (has_fg.all() & torch.isfinite(cam.detach().sum())):
+        if not has_fg.all():
+            bad = (~has_fg).nonzero().flatten().tolist()
+            raise ValueError(f"labels: images {bad} have no foreground class")
+        raise ValueError("cam contains NaN or inf values")
 
 
 @torch.no_grad()
@@ -123,7 +127,7 @@ def pseudo_labels(cam: Tensor, labels: Tensor, bg_threshold: float = 0.20) -> tu
     if not 0.0 <= bg_threshold <= 1.0:
         raise ValueError(f"bg_threshold must be in [0, 1], got {bg_threshold}")
     norm = normalise_cam(cam)
-    norm[:, 1:] *= labels.to(norm.dtype)[:, :, None, None]
+    norm.narrow(1, 1, labels.shape[1]).mul_(labels[:, :, None, None])
     norm[:, 0] = bg_threshold
     # softmax is monotone, so argmax of the scores is argmax of the masked map itself; max()
     # returns the same first-maximum index and reduces over a strided dim ~4x faster on CPU.
@@ -150,6 +154,7 @@ def ranking_map(cam: Tensor, norm_cam: Tensor, mode: str = "complement") -> Tens
 
 # F.normalize's eps, squared: shorter vectors are divided by 1e-12 instead of their norm.
 _MIN_SQUARED_NORM = 1e-24
+_AT_LEAST_FP32 = (torch.float32, torch.float64)
 
 
 def _pixel_dot(a: Tensor, b: Tensor, channels: Tensor | None = None) -> Tensor:
@@ -183,7 +188,8 @@ class _CosineLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scaled: Tensor, valid: Tensor, names: tuple[str, ...],  # noqa: ANN001
                 *views: Tensor) -> Tensor:
-        flats = [v.detach().to(torch.promote_types(v.dtype, torch.float32)).flatten(2)
+        # Autograd is off in here: no detach; float32 at least (bf16 / fp16 under autocast).
+        flats = [v.flatten(2) if v.dtype in _AT_LEAST_FP32 else v.float().flatten(2)
                  for v in views]
         b, hw = flats[0].shape[0], flats[0].shape[2]
         out = scaled.new_empty(len(views) * b, scaled.shape[0], hw)
@@ -192,24 +198,25 @@ class _CosineLogits(torch.autograd.Function):
             torch.bmm(batched, flat, out=out[i * b:(i + 1) * b])
         sq = torch.cat([_pixel_dot(flat, flat) for flat in flats])  # (V*B, 1, HW)
         # NaN or inf anywhere in a pixel's features shows in its sum of squares.
-        finite = torch.isfinite(sq.view(len(views), -1).sum(dim=1))
-        if not finite.all():
+        if not torch.isfinite(sq.sum()):
+            finite = torch.isfinite(sq.view(len(views), -1).sum(dim=1))
             raise ValueError(f"{names[int((~finite).nonzero()[0])]} contains NaN or inf values")
+        clamped = sq < _MIN_SQUARED_NORM
         inv_norm = sq.clamp_min_(_MIN_SQUARED_NORM).rsqrt_()
         out.mul_(inv_norm).masked_fill_(~valid[None, :, None], _NO_PROTOTYPE)
-        ctx.save_for_backward(scaled, valid, inv_norm, out, *flats)
+        ctx.save_for_backward(scaled, valid, inv_norm, clamped, out, *flats)
         ctx.dtypes = [v.dtype for v in views]
         ctx.shapes = [v.shape for v in views]
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        scaled, valid, inv_norm, out, *flats = ctx.saved_tensors
+        scaled, valid, inv_norm, clamped, out, *flats = ctx.saved_tensors
         # G . f = sum_k grad_k (P_k . f) = |f| sum_k grad_k l_k over the prototypes that exist:
         # a dot over K channels instead of D.
         along = _pixel_dot(grad, out, valid).mul_(inv_norm.square())
         # Where the norm was clamped (a zero vector) it has no gradient.
-        along.masked_fill_(inv_norm >= inv_norm.new_tensor(_MIN_SQUARED_NORM).rsqrt(), 0.0)
+        along.masked_fill_(clamped, 0.0)
         # One batched matmul for every view (missing prototypes: zero rows of P).
         g = torch.bmm(scaled.T.expand(grad.shape[0], -1, -1), grad).mul_(inv_norm)
         grads = []
@@ -244,9 +251,10 @@ def topk_candidates(confidence: Tensor, feats: Tensor | Sequence[Tensor],
     pools = confidence.reshape(len(views), b // len(views), k, h * w).transpose(1, 2)
     values, index = _stable_topk(pools.reshape(len(views) * k, -1), top_k)  # (b, h, w) order
     # Gather the k rows straight from the (B, D, H*W) maps: no (N, D) copy of the features.
-    cand = [f.detach().float().flatten(2)[i // (h * w), :, i % (h * w)]
-            for f, i in zip(views, index.chunk(len(views)), strict=True)]
-    return values, cand[0] if len(cand) == 1 else torch.cat(cand)
+    image, pixel = (index // (h * w)).chunk(len(views)), (index % (h * w)).chunk(len(views))
+    cand = [f.flatten(2)[i, :, p] for f, i, p in zip(views, image, pixel, strict=True)]
+    cand = cand[0] if len(cand) == 1 else torch.cat(cand)
+    return values, cand if cand.dtype == torch.float32 else cand.float()
 
 
 def _stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -321,10 +329,10 @@ def _check_contrast_inputs(feats: Tensor, y: Tensor, prototypes: Tensor, tau: fl
     _check_finite("feats", feats)
 
 
-def _kept_mean(values: Tensor, keep: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
-    """Mean of `values` over `dim` where `keep` (bool, same shape); where nothing is kept,
-    a zero that stays in the graph. Excluded values only need to be finite."""
-    return (values * keep).sum(dim=dim) / keep.sum(dim=dim).clamp_min(1)
+def _kept_mean(values: Tensor, keep: Tensor) -> Tensor:
+    """Mean of `values` where `keep` (bool, same shape); where nothing is kept, a zero that
+    stays in the graph. Excluded values only need to be finite."""
+    return (values * keep).sum() / keep.sum().clamp_min(1)
 
 
 def prototype_contrast(feats: Tensor, y: Tensor, prototypes: Tensor, tau: float) -> Tensor:
@@ -346,12 +354,9 @@ def semi_hard_negatives(sim: Tensor, prototypes: Tensor, drop: int, keep: int) -
     sim: (N, K) pixel-prototype similarities; prototypes: (K, D). Returns (N, keep') int64 with
     keep' = min(keep, K - drop); missing prototypes rank last.
     """
-    return _semi_hard(_masked(sim, _has_prototype(prototypes)), drop, keep)
-
-
-def _semi_hard(masked: Tensor, drop: int, keep: int) -> Tensor:
+    masked = _masked(sim.detach(), _has_prototype(prototypes))
     # Rows are short (C+1 prototypes): one sort beats topk here.
-    return masked.detach().sort(dim=1, descending=True).indices[:, drop:drop + keep]
+    return masked.sort(dim=1, descending=True).indices[:, drop:drop + keep]
 
 
 def hard_pixel_weights(
@@ -371,38 +376,52 @@ def hard_pixel_weights(
     similarity: (N,) similarity to the own prototype (or any increasing function of it: only
     its order counts); y: (N,) labels in [0, num_classes). Returns (N,) float weights.
     """
-    n = y.shape[0]
     counts = torch.bincount(y, minlength=num_classes)
-    # Per class: the random share and the window's ends (float64: float32 floors 0.65 * 180
-    # to 116), then looked up per pixel.
-    ratios = torch.tensor([random_ratio, rank_lo, rank_hi], dtype=torch.float64, device=y.device)
-    share, lo, hi = torch.floor(ratios[:, None] * counts).long().index_select(1, y)
+    return _hard_pixel_weights(similarity.detach(), y, counts, None, random_ratio, rank_lo,
+                               rank_hi, generator)
+
+
+def _hard_pixel_weights(
+    similarity: Tensor,
+    y: Tensor,
+    counts: Tensor,
+    eligible: Tensor | None,
+    random_ratio: float,
+    rank_lo: float,
+    rank_hi: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """`hard_pixel_weights` given the class sizes counts (C,); classes where eligible (C,) bool
+    is False get no pixel."""
+    n = y.shape[0]
     # Both rankings (random noise, similarity) in one stable sort of int64 keys (radix: ~10x
-    # faster than float keys on CPU): ranking r of class c is block r * num_classes + c, in
-    # the high bits, so that every block is ranked at once.
-    block = torch.cat([y, y + num_classes])
-    noise = torch.rand(n, generator=generator, device="cpu").to(y.device)
-    both = torch.cat([noise, similarity.detach()])  # promotes to the wider type: order kept
-    keys = _ordered_int(both) + (block << 33)
-    order = keys.argsort(stable=True)
-    start = counts.cumsum(0) - counts
-    block_start = torch.cat([start, start + n])
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(2 * n, device=y.device) - block_start.index_select(
-        0, block.index_select(0, order))
-    sim_rank = rank[n:]
-    return ((rank[:n] < share).to(similarity.dtype)
-            + ((sim_rank >= lo) & (sim_rank < hi)).to(similarity.dtype))
+    # faster than float keys on CPU): ranking r of class c is block r * C + c, in the high bits,
+    # so that every block is ranked at once. pos: each key's position in the sorted list.
+    block = torch.cat([y, y + counts.shape[0]])
+    noise = torch.rand(n, generator=generator, device="cpu")
+    if noise.device != y.device:
+        noise = noise.to(y.device)
+    keys = _ordered_int(torch.cat([noise, similarity])) + (block << 33)  # cat keeps the order
+    pos = torch.empty_like(keys)
+    pos[keys.argsort(stable=True)] = torch.arange(2 * n, device=y.device)
+    # Per class, where the kept positions end: the random share of the noise block, the window
+    # of the similarity block (float64: float32 floors 0.65 * 180 to 116).
+    sampled = counts if eligible is None else counts * eligible
+    ratios = _constant(((random_ratio, 0), (rank_lo, n), (rank_hi, n)), torch.float64, y.device)
+    ends = (torch.floor(ratios[:, :1] * sampled) + ratios[:, 1:]).long() + (counts.cumsum(0) - counts)
+    share_end, lo, hi = ends.index_select(1, y)
+    sim_pos = pos[n:]
+    return (pos[:n] < share_end).to(similarity.dtype) + ((sim_pos >= lo) & (sim_pos < hi))
 
 
 def _ordered_int(x: Tensor) -> Tensor:
-    """int64 keys in [0, 2^32) that order (and tie) like the finite float values x (N,)."""
+    """int64 keys in [-2^31, 2^31) that order (and tie) like the finite float values x (N,)."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return x.argsort(stable=True).argsort()  # ranks: exact for any dtype, just slower
-    bits = x.float().view(torch.int32).long()
-    # IEEE floats order like sign-magnitude integers; -0.0 and 0.0 both map to 2^31.
-    magnitude = bits & 0x7FFFFFFF
-    return torch.where(bits < 0, -magnitude, magnitude) + (1 << 31)
+    # IEEE floats order like sign-magnitude integers: flipping the magnitude bits of the
+    # negative ones makes them order like two's complement. + 0.0 turns -0.0 into 0.0 (a tie).
+    bits = (x.float() + 0.0).view(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
 
 
 def intra_view_contrast(
@@ -427,8 +446,54 @@ def intra_view_contrast(
     valid = _has_prototype(prototypes)
     table = _masked(feats @ prototypes.T / tau, valid).T  # (K, N): one block of K class rows
     zero = torch.zeros(1, 1, dtype=torch.long, device=y.device)
-    return _intra_contrast(table, zero[0], y[None], zero, 1, valid, neg_drop, neg_keep,
-                           random_ratio, rank_lo, rank_hi, generator)
+
+    def terms(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        value, index, grad = _intra_contrast(t, zero[0], y[None], zero, valid,
+                                             prototypes.shape[0], neg_drop, neg_keep,
+                                             random_ratio, rank_lo, rank_hi, generator)
+        return value[None], lambda g: _scatter_into(t.new_zeros(t.shape), index, grad * g)
+
+    return _ClosedFormGrad.apply(table, terms)[0]
+
+
+class _ClosedFormGrad(torch.autograd.Function):
+    """Loss terms whose gradient with respect to their input is known in closed form.
+
+    forward(x, terms): terms(x) -> (values (T,), backward), computed without autograd;
+    backward(grad (T,)) -> d(grad . values) / dx. The contrast terms read a few logits each
+    through gathers, softmaxes and weighted means; recording all of that for autograd costs
+    more, at small grids, than the arithmetic, so their gradient is written out instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, terms: Callable) -> Tensor:  # noqa: ANN001
+        values, ctx.grad_of = terms(x)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        return ctx.grad_of(grad), None
+
+
+def _scatter_into(table: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """table (contiguous) += values at the flat indices `index` (same shape as values, repeats
+    add up); returns table. A 1-D scatter-add: ~4x faster on CPU than index_put_ with
+    accumulate."""
+    table.view(-1).scatter_add_(0, index.view(-1), values.reshape(-1))
+    return table
+
+
+def _weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted per-element cross-entropies and their gradient, without autograd.
+
+    logits: (N, K, *S) class scores; target: (N, *S) int64 in [0, K); weight: (N, *S).
+    Returns losses (N, *S) = weight * CE(logits, target) and grad (N, K, *S) = d sum(losses) /
+    d logits = weight * (softmax - one-hot of the target).
+    """
+    logp = logits.log_softmax(dim=1)
+    t, w = target.unsqueeze(1), weight.unsqueeze(1)
+    losses = logp.gather(1, t).mul_(w).neg_().squeeze(1)
+    return losses, logp.exp_().mul_(w).scatter_add_(1, t, -w)
 
 
 def _intra_contrast(
@@ -436,70 +501,75 @@ def _intra_contrast(
     first_row: Tensor,
     y: Tensor,
     group_offset: Tensor,
-    views: int,
     group_valid: Tensor,
+    k: int,
     neg_drop: int,
     neg_keep: int,
     random_ratio: float,
     rank_lo: float,
     rank_hi: float,
     generator: torch.Generator | None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor, Tensor]:
     """`intra_view_contrast` on a class-major logit table: G blocks of P pixels, V views.
 
-    table: (T, P) masked logits (see `_masked`); row first_row[g] + c holds class c of block g.
-    y: (G, P) labels in [0, K); group_offset: (G, 1) = K * (view of block g), V views.
-    group_valid: (V*K,) whether each view's class has a prototype. Every logit the loss reads
-    comes from one gather along the class axis: its backward is a single scatter. Returns the
-    mean over views of the per-view intra term.
+    table: (T, P) masked logits (see `_masked`), no autograd; row first_row[g] + c holds class
+    c of block g. y: (G, P) labels in [0, K); group_offset: (G, 1) = K * (view of block g).
+    group_valid: (V*K,) whether each view's class has a prototype; k: K.
+    Returns the mean over views of the per-view intra term (a scalar), the flat indices into
+    the (T, P) table of the logits it reads, (1+negatives, S) for S sampled pixels, and its
+    gradient there.
     """
-    p = y.shape[1]
-    num_groups = group_valid.shape[0]
-    k = num_groups // views
-    group = (y + group_offset).reshape(-1)
-    pos = table.detach().gather(0, first_row[:, None] + y).reshape(-1)
+    p, num_groups = y.shape[1], group_valid.shape[0]
+    group = (y + group_offset).view(-1)
+    pos = table.gather(0, first_row[:, None] + y).view(-1)
+    counts = torch.bincount(group, minlength=num_groups)
     # The logit is an increasing function of the similarity, so it ranks pixels alike.
-    weight = hard_pixel_weights(pos, group, num_groups, random_ratio, rank_lo, rank_hi,
-                                generator) * group_valid.index_select(0, group)
+    weight = _hard_pixel_weights(pos, group, counts, group_valid, random_ratio, rank_lo, rank_hi,
+                                 generator)
     # Mining only for the pixels that count, over the classes with a prototype in some view:
     # missing prototypes rank last with a logit whose exp() is 0, so leaving them out changes
     # neither the kept negatives nor the softmax.
     sel = weight.nonzero()[:, 0]
-    g_sel, p_sel = sel // p, sel % p
-    cols = group_valid.view(views, k).any(dim=0).nonzero()[:, 0]
-    mined = table.detach()[first_row.index_select(0, g_sel)[:, None] + cols, p_sel[:, None]]
-    neg = cols.take(_semi_hard(mined, neg_drop, neg_keep))
-    # Class rows per pixel: the positive, then its negatives (unsampled pixels repeat the
-    # positive: finite, and weighted 0).
-    classes = y[:, None].repeat(1, 1 + neg.shape[1], 1)
-    classes[g_sel, 1:, p_sel] = neg
-    rows = (first_row[:, None, None] + classes).flatten(0, 1)
-    logits = table.gather(0, rows).view(classes.shape)
-    per_pixel = -logits.log_softmax(dim=1)[:, 0].reshape(-1)
-    counts = torch.bincount(group, minlength=num_groups)
-    loss_sum = torch.zeros(num_groups, dtype=per_pixel.dtype, device=y.device).index_add(
-        0, group, per_pixel * weight
-    )
-    weight_sum = torch.zeros_like(loss_sum).index_add(0, group, weight)
-    use = (counts >= 2) & (weight_sum > 0)
-    class_mean = loss_sum / weight_sum.clamp_min(1e-12)
-    # A view with no usable class adds a (graph-connected) zero, as the reference would.
-    return _kept_mean(class_mean.view(views, -1), use.view(views, -1)).mean()
+    base, at = first_row.index_select(0, sel // p), sel % p
+    cols = group_valid.view(-1, k).any(dim=0).nonzero()[:, 0]
+    ranked = table[base[:, None] + cols, at[:, None]].sort(dim=1, descending=True)
+    negatives = slice(neg_drop, neg_drop + neg_keep)
+    # Class-major (1 + negatives, S), positive first: a softmax along the long axis is ~20x
+    # faster on CPU than over rows of a few entries.
+    logits = torch.cat([pos.index_select(0, sel)[None], ranked.values[:, negatives].T])
+    rows = torch.cat([y.view(-1).index_select(0, sel)[None],
+                      cols.take(ranked.indices[:, negatives]).T]) + base
+    # Per class the weighted mean over its sampled pixels, per view the mean over classes with
+    # >= 2 pixels, then the mean over views: one weighted sum of the sampled pixels' losses.
+    w_sel, g_sel = weight.index_select(0, sel), group.index_select(0, sel)
+    weight_sum = torch.bincount(g_sel, weights=w_sel, minlength=num_groups).view(-1, k)
+    use = (counts.view(-1, k) >= 2) & (weight_sum > 0)
+    per_class = use / (weight_sum.clamp_min(1e-12)
+                       * (use.sum(dim=1, keepdim=True).clamp_min(1) * use.shape[0]))
+    coef = per_class.view(-1).index_select(0, g_sel) * w_sel
+    losses, grad = _weighted_cross_entropy(logits[None], torch.zeros_like(sel)[None], coef[None])
+    return losses.sum(), rows * p + at, grad[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small tensor of Python numbers, built once per value: torch.tensor() costs more than
+    most ops of the loss at small grids. Read-only."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=16)
-def _block_layout(b: int, k: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _block_layout(b: int, k: int, device: torch.device) -> tuple[Tensor, ...]:
     """Index constants of the (2, B, 2, K, HW) logit table of two views, per shape.
 
     Returns first_row (2B,): table row of class 0 of block (v, i, v), each view against its own
     prototypes; group_offset (2B, 1) = K * v; set_offset (2, 1) = K * j for prototype set j;
-    mix (4, 2): (view, set) means -> (cross-prototype, cross-CAM) terms, each the average of
-    two directions (cross-prototype: v != j, cross-CAM: v == j).
+    term (4,): for (view v, set j), 0 = cross-prototype (v != j), 1 = cross-CAM (v == j).
     """
     view = torch.arange(2, device=device).repeat_interleave(b)
     first_row = (2 * torch.arange(2 * b, device=device) + view) * k
-    mix = torch.tensor([[0.0, 0.5], [0.5, 0.0], [0.5, 0.0], [0.0, 0.5]], device=device)
-    return first_row, (k * view)[:, None], k * torch.arange(2, device=device)[:, None], mix
+    term = _constant((1, 0, 0, 1), torch.int64, device)
+    return first_row, (k * view)[:, None], k * torch.arange(2, device=device)[:, None], term
 
 
 GatherFn = Callable[[Tensor], Tensor]
@@ -569,22 +639,34 @@ class PPCLoss(torch.nn.Module):
         # Every term reads one of four logit maps, each view against each prototype set:
         # lg[v, i, j] = view v of image i against the prototypes of view j, (K, HW) per block.
         lg = _CosineLogits.apply(both / c.tau, ok, ("feats_s", "feats_t"), feats_s, feats_t)
-        lg = lg.view(2, b, 2, k, hw)
 
         # The four cross terms as one cross-entropy over the blocks: a block against the
         # prototypes of view j takes the labels of the other view (cross-prototype: v != j,
-        # cross-CAM: v == j).
+        # cross-CAM: v == j). Each term averages two (view, set) means over kept pixels.
         y = y.view(2, b, hw)
-        first_row, group_offset, set_offset, mix = _block_layout(b, k, lg.device)
+        first_row, group_offset, set_offset, term = _block_layout(b, k, lg.device)
         target = y.flip(0).transpose(0, 1).expand(2, b, 2, hw)
         keep = ok.take(target + set_offset)
-        per_pixel = F.cross_entropy(lg.view(4 * b, k, hw), target.reshape(4 * b, hw),
-                                    reduction="none").view(2, b, 2, hw)
-        means = _kept_mean(per_pixel, keep, dim=(1, 3))  # (view, set)
-        cross_proto, cross_cam = (means.view(1, 4) @ mix.to(means.dtype))[0].unbind()
+        weight = keep * (0.5 / keep.sum(dim=(1, 3), keepdim=True).clamp_min(1))
+        neg_keep = max(1, round(c.neg_keep_ratio * k))
 
-        intra = _intra_contrast(lg.view(-1, hw), first_row, y.view(2 * b, hw), group_offset, 2, ok,
-                                c.neg_drop, max(1, round(c.neg_keep_ratio * k)),
-                                c.hard_random_ratio, c.hard_rank_lo, c.hard_rank_hi, generator)
-        total = c.w_cross_proto * cross_proto + c.w_cross_cam * cross_cam + c.w_intra * intra
+        def terms(table: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+            losses, cross_grad = _weighted_cross_entropy(
+                table.view(4 * b, k, hw), target.reshape(4 * b, hw), weight.view(4 * b, hw))
+            per_set = losses.view(2, b, 2, hw).sum(dim=(1, 3))  # (view, prototype set)
+            cross_cam = per_set.trace()
+            intra, index, intra_grad = _intra_contrast(
+                table, first_row, y.view(2 * b, hw), group_offset, ok, k, c.neg_drop,
+                neg_keep, c.hard_random_ratio, c.hard_rank_lo, c.hard_rank_hi, generator)
+
+            def backward(g: Tensor) -> Tensor:
+                grad = cross_grad.view(2, b, 2, k, hw) * g.index_select(0, term).view(2, 1, 2, 1, 1)
+                return _scatter_into(grad.view(-1, hw), index, intra_grad * g[2])
+
+            return torch.stack([per_set.sum() - cross_cam, cross_cam, intra]), backward
+
+        values = _ClosedFormGrad.apply(lg.view(-1, hw), terms)
+        cross_proto, cross_cam, intra = values.unbind()
+        total = values @ _constant((c.w_cross_proto, c.w_cross_cam, c.w_intra), values.dtype,
+                                   values.device)
         return {"cross_proto": cross_proto, "cross_cam": cross_cam, "intra": intra, "total": total}

@@ -45,11 +45,9 @@ def max_norm(cam: Tensor, eps: float = 1e-5) -> Tensor:
     (values at the minimum become 0)."""
     if cam.dim() != 4:
         raise ValueError(f"max_norm: cam must be (B, K, h, w), got {tuple(cam.shape)}")
-    cam = F.relu(cam)
-    flat = cam.flatten(2)
-    lo = flat.amin(dim=2)[..., None, None]
-    hi = flat.amax(dim=2)[..., None, None]
-    return F.relu(cam - lo - eps) / (hi - lo + eps)
+    flat = F.relu(cam).flatten(2)
+    lo, hi = flat.aminmax(dim=2, keepdim=True)
+    return (F.relu(flat - lo - eps) / (hi - lo + eps)).view_as(cam)
 
 
 def classification_loss(cam: Tensor, labels: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ Every backbone returns a `BackboneFeatures` with
   fea: (B, out_channels, h, w)  the last stage, stride `output_stride` (8 or 16)
   low: (B, low_channels, h, w)  the two stages before it, concatenated on fea's grid; PCM builds
                                 its pixel affinity from these (SEAM uses ResNet38's conv4 + conv5).
+                                None when not asked for.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ OUTPUT_STRIDES = (8, 16)
 @dataclass
 class BackboneFeatures:
     fea: Tensor
-    low: Tensor
+    low: Tensor | None
 
 
 def _to_grid(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -47,11 +48,13 @@ class Backbone(nn.Module):
         """x: (B, 3, H, W) -> (stage2, stage3, last stage) feature maps."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> BackboneFeatures:
+    def forward(self, x: Tensor, low: bool = True) -> BackboneFeatures:
+        """low: build the `low` features (only PCM reads them; else None)."""
         s2, s3, fea = self.stages(x)
+        if not low:
+            return BackboneFeatures(fea=fea, low=None)
         size = tuple(fea.shape[-2:])
-        low = torch.cat([_to_grid(s2, size), _to_grid(s3, size)], dim=1)
-        return BackboneFeatures(fea=fea, low=low)
+        return BackboneFeatures(fea=fea, low=torch.cat([_to_grid(s2, size), _to_grid(s3, size)], 1))
 
     def train(self, mode: bool = True) -> Backbone:
         super().train(mode)

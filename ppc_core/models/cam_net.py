@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,12 +49,17 @@ class CAMNet(nn.Module):
         project / refine: compute the projector / PCM outputs (else None). Under DDP every
         output must feed the loss, so a step that does not use one must not compute it.
         """
-        feats = self.backbone(x)
-        cam = self.cam_head(feats.fea)
-        proj = F.relu(self.projector(feats.fea)) if project else None
-        cam_rv = None
-        if refine and self.pcm is not None:
-            cam_rv = self.pcm(pcm_seed(cam), feats.low, x)
+        refine = refine and self.pcm is not None
+        feats = self.backbone(x, low=refine)
+        if project:
+            # Both 1x1 heads in one conv: on small maps a conv call costs more than its arithmetic.
+            weight = torch.cat([self.cam_head.weight, self.projector.weight])
+            cam, proj = F.conv2d(feats.fea, weight).split(
+                [self.cam_head.out_channels, self.projector.out_channels], dim=1)
+            proj = F.relu(proj)
+        else:
+            cam, proj = self.cam_head(feats.fea), None
+        cam_rv = self.pcm(pcm_seed(cam), feats.low, x) if refine else None
         return CAMOutput(cam=cam, proj=proj, cam_rv=cam_rv)
 
     def param_groups(self, weight_decay: float) -> list[dict]:

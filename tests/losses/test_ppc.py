@@ -8,6 +8,8 @@ from ppc_core.losses.ppc import (
     PPCConfig,
     PPCLoss,
     _CosineLogits,
+    _ordered_int,
+    _weighted_cross_entropy,
     estimate_prototypes,
     hard_pixel_weights,
     intra_view_contrast,
@@ -187,6 +189,45 @@ def test_hand_written_backward_matches_autograd_of_normalised_features():
     assert torch.allclose(out, ref, rtol=1e-12, atol=1e-9)
     for got, want in zip(leaves, ref_leaves, strict=True):
         assert torch.allclose(got.grad, want.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_closed_form_cross_entropy_gradient_matches_autograd():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 6, 7, generator=g, dtype=torch.float64)
+    logits[:, 2] = -1e9  # a missing prototype: exp() is 0, finite everywhere
+    target = torch.randint(0, 6, (3, 7), generator=g)
+    weight = torch.rand(3, 7, generator=g, dtype=torch.float64)
+    losses, grad = _weighted_cross_entropy(logits, target, weight)
+    leaf = logits.clone().requires_grad_()
+    want = F.cross_entropy(leaf, target, reduction="none") * weight
+    want.sum().backward()
+    assert torch.allclose(losses, want.detach())
+    assert torch.allclose(grad, leaf.grad)
+
+
+def test_intra_gradient_is_that_of_its_value():
+    g = torch.Generator().manual_seed(6)
+    p = F.normalize(torch.randn(4, D, generator=g), dim=1)
+    v = F.normalize(torch.randn(40, D, generator=g), dim=1).requires_grad_()
+    y = torch.randint(0, 4, (40,), generator=g)
+    intra_view_contrast(v, y, p, 0.1, 1, 2, 1.0, 0.0, 1.0).backward()
+    # random share 100% + full window: every pixel counts twice; per-class means, then their mean
+    ref = v.detach().clone().requires_grad_()
+    sim = ref @ p.T
+    negatives = sim.detach().sort(dim=1, descending=True).indices[:, 1:3]
+    logits = torch.cat([sim.gather(1, y[:, None]), sim.gather(1, negatives)], dim=1) / 0.1
+    per_pixel = -logits.log_softmax(dim=1)[:, 0]
+    torch.stack([per_pixel[y == c].mean() for c in range(4)]).mean().backward()
+    assert torch.allclose(v.grad, ref.grad, atol=1e-6)
+
+
+def test_ordered_int_orders_and_ties_like_the_floats():
+    g = torch.Generator().manual_seed(7)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, math.inf, -math.inf, 2.5, 2.5])
+    x = torch.cat([torch.randn(300, generator=g) * 100, special])
+    keys = _ordered_int(x)
+    assert torch.equal(x[:, None] < x[None], keys[:, None] < keys[None])
+    assert torch.equal(x[:, None] == x[None], keys[:, None] == keys[None])  # -0.0 ties 0.0
 
 
 def test_fixed_generator_gives_identical_loss_and_terms_sum():

@@ -20,6 +20,25 @@ def test_forward_shapes(pcm: bool) -> None:
         assert out.cam_rv is None
 
 
+def test_heads_in_one_conv_match_the_separate_heads() -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn4", num_classes=10, proj_dim=32)
+    x = torch.randn(2, 3, 64, 64)
+    both = model(x, project=True)
+    cam_only = model(x, project=False)
+    assert cam_only.proj is None
+    assert torch.allclose(both.cam, cam_only.cam, atol=1e-5)
+    assert torch.allclose(both.proj, model.projector(model.backbone(x).fea).relu(), atol=1e-5)
+
+
+def test_backbone_builds_pcm_features_only_when_asked() -> None:
+    torch.manual_seed(0)
+    net = build_model("cnn4", num_classes=3).backbone
+    x = torch.randn(1, 3, 32, 32)
+    assert net(x, low=False).low is None
+    assert net(x).low is not None
+
+
 @pytest.mark.parametrize("backbone", ["cnn4", "resnet18"])
 def test_param_groups_cover_every_parameter_once(backbone: str) -> None:
     model = build_model(backbone, num_classes=5, pcm=True)

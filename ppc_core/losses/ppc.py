@@ -93,8 +93,7 @@ def normalise_cam(cam: Tensor) -> Tensor:
     cam: (B, K, H, W) raw scores. Returns (B, K, H, W); pixels at the minimum are 0. The same
     normalisation as SEAM's terms, so pseudo labels and the ER / ECR targets agree.
     """
-    cam = cam.detach()
-    return max_norm(cam if cam.dtype == torch.float32 else cam.float(), _EPS)
+    return max_norm(cam.detach().float(), _EPS)
 
 
 def _validate_cam_labels(cam: Tensor, labels: Tensor) -> None:
@@ -106,12 +105,10 @@ def _validate_cam_labels(cam: Tensor, labels: Tensor) -> None:
             f"{tuple(cam.shape)}, got {tuple(labels.shape)}"
         )
     has_fg = labels.sum(dim=1) > 0
-    # One sync for both checks; NaN or inf anywhere makes the CAM's sum non-finite.
-    if not (has_fg.all() & torch.isfinite(cam.detach().sum())):
-        if not has_fg.all():
-            bad = (~has_fg).nonzero().flatten().tolist()
-            raise ValueError(f"labels: images {bad} have no foreground class")
-        raise ValueError("cam contains NaN or inf values")
+    if not has_fg.all():
+        bad = (~has_fg).nonzero().flatten().tolist()
+        raise ValueError(f"labels: images {bad} have no foreground class")
+    _check_finite("cam", cam)
 
 
 @torch.no_grad()
@@ -253,8 +250,7 @@ def topk_candidates(confidence: Tensor, feats: Tensor | Sequence[Tensor],
     # Gather the k rows straight from the (B, D, H*W) maps: no (N, D) copy of the features.
     image, pixel = (index // (h * w)).chunk(len(views)), (index % (h * w)).chunk(len(views))
     cand = [f.flatten(2)[i, :, p] for f, i, p in zip(views, image, pixel, strict=True)]
-    cand = cand[0] if len(cand) == 1 else torch.cat(cand)
-    return values, cand if cand.dtype == torch.float32 else cand.float()
+    return values, (cand[0] if len(cand) == 1 else torch.cat(cand)).float()
 
 
 def _stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -398,9 +394,7 @@ def _hard_pixel_weights(
     # faster than float keys on CPU): ranking r of class c is block r * C + c, in the high bits,
     # so that every block is ranked at once. pos: each key's position in the sorted list.
     block = torch.cat([y, y + counts.shape[0]])
-    noise = torch.rand(n, generator=generator, device="cpu")
-    if noise.device != y.device:
-        noise = noise.to(y.device)
+    noise = torch.rand(n, generator=generator, device="cpu").to(y.device)
     keys = _ordered_int(torch.cat([noise, similarity])) + (block << 33)  # cat keeps the order
     pos = torch.empty_like(keys)
     pos[keys.argsort(stable=True)] = torch.arange(2 * n, device=y.device)

@@ -81,23 +81,17 @@ def _preset(overrides: Sequence[str] = ()):  # noqa: ANN202 - experiments.config
 
 
 def preset_steps(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]:
-    """The default preset's step, built as `experiments.train.run` builds it (its data set and
+    """The default preset's step, built by `experiments.train.build_training` (its data set and
     loader, model, optimiser and objective; CPU), without Accelerate's bookkeeping. Returns the
     times and the batch size."""
     from torch.utils.data import DataLoader
 
-    from ppc_core.data import build_dataset, dataset_info
-    from ppc_core.optim import build_optimizer
+    from experiments.train import build_training
 
     cfg = _preset()
-    d, m, o = cfg.data, cfg.model, cfg.optim
+    d = cfg.data
     torch.manual_seed(0)
-    train_set = build_dataset(d.name, d.train_split, True, d.crop_size, d.root,
-                              num_images=d.num_images)
-    model = build_model(m.backbone, dataset_info(d.name).num_classes, m.output_stride,
-                        m.proj_dim, m.pcm, m.pretrained, m.freeze_bn)
-    opt = build_optimizer(model.param_groups(o.weight_decay), o.name, o.lr, o.momentum,
-                          o.group_lr_mults)
+    train_set, model, opt, with_ppc = build_training(cfg)
     loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                         num_workers=d.num_workers)
     batches = iter(())
@@ -111,7 +105,7 @@ def preset_steps(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]
         return batch["image"], batch["label"]
 
     objectives = {"CAM only": Objective(None, d.target_size, d.target_flip),
-                  "CAM + PPC": Objective(PPCLoss(cfg.ppc), d.target_size, d.target_flip)}
+                  "CAM + PPC": with_ppc}
     times = interleaved_steps(objectives, model, opt, next_batch, args.steps, args.warmup,
                               torch.device("cpu"))
     return times, cfg.train.batch_size

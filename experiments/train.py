@@ -15,13 +15,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from experiments.config import RunConfig, to_run_config
 from experiments.tracking import finish_tracking, start_tracking
 from ppc_core.data import build_dataset, dataset_info
 from ppc_core.evaluate import EvalResult, evaluate
-from ppc_core.losses.ppc import PPCLoss
+from ppc_core.losses.ppc import GatherFn, PPCLoss
 from ppc_core.models import build_model
 from ppc_core.objective import Objective, SEAMWeights
 from ppc_core.optim import build_optimizer
@@ -34,6 +35,24 @@ def _eval_loader(cfg: RunConfig) -> DataLoader:
                             num_images=d.eval_images, skip_corrupt=d.skip_corrupt)
     return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False,
                       num_workers=d.num_workers)
+
+
+def build_training(
+    cfg: RunConfig, gather: GatherFn | None = None
+) -> tuple[Dataset, nn.Module, torch.optim.Optimizer, Objective]:
+    """The training data set, model, optimiser and objective that `cfg` describes (the model on
+    CPU, not yet prepared by Accelerate). gather: see `PPCLoss`."""
+    d, m, o, loss = cfg.data, cfg.model, cfg.optim, cfg.loss
+    train_set = build_dataset(d.name, d.train_split, True, d.crop_size, d.root,
+                              num_images=d.num_images, skip_corrupt=d.skip_corrupt)
+    model = build_model(m.backbone, dataset_info(d.name).num_classes, m.output_stride,
+                        m.proj_dim, m.pcm, m.pretrained, m.freeze_bn)
+    optimizer = build_optimizer(model.param_groups(o.weight_decay), o.name, o.lr, o.momentum,
+                                o.group_lr_mults)
+    seam = SEAMWeights(loss.w_er, loss.w_ecr, loss.w_min_pool) if loss.seam else None
+    objective = Objective(PPCLoss(cfg.ppc, gather) if loss.use_ppc else None,
+                          d.target_size, d.target_flip, seam)
+    return train_set, model, optimizer, objective
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
@@ -50,18 +69,9 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
     )
     set_seed(t.seed)
     info = dataset_info(cfg.data.name)
-    d, m = cfg.data, cfg.model
-    train_set = build_dataset(d.name, d.train_split, True, d.crop_size, d.root,
-                              num_images=d.num_images, skip_corrupt=d.skip_corrupt)
-    model = build_model(m.backbone, info.num_classes, m.output_stride, m.proj_dim, m.pcm,
-                        m.pretrained, m.freeze_bn)
-    o = cfg.optim
-    optimizer = build_optimizer(model.param_groups(o.weight_decay), o.name, o.lr, o.momentum,
-                                o.group_lr_mults)
+    d = cfg.data
     gather = accelerator.gather if accelerator.num_processes > 1 else None
-    seam = SEAMWeights(cfg.loss.w_er, cfg.loss.w_ecr, cfg.loss.w_min_pool) if cfg.loss.seam else None
-    objective = Objective(PPCLoss(cfg.ppc, gather) if cfg.loss.use_ppc else None,
-                          d.target_size, d.target_flip, seam)
+    train_set, model, optimizer, objective = build_training(cfg, gather)
     eval_loader = _eval_loader(cfg) if accelerator.is_main_process else None
     last_eval: list[EvalResult] = []
 

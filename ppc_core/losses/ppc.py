@@ -78,7 +78,8 @@ def _check_unit_interval(name: str, value: float) -> None:
 
 def _check_finite(name: str, x: Tensor) -> None:
     # One reduction instead of an elementwise test: NaN or inf anywhere makes the sum non-finite.
-    if not torch.isfinite(x.detach().sum()):
+    # The check reads the sum anyway, and math.isfinite of it costs no tensor op.
+    if not math.isfinite(x.detach().sum()):
         raise ValueError(f"{name} contains NaN or inf values")
 
 
@@ -104,7 +105,7 @@ def _validate_cam_labels(cam: Tensor, labels: Tensor) -> None:
             f"labels must be (B, C) = ({cam.shape[0]}, {cam.shape[1] - 1}) to match cam "
             f"{tuple(cam.shape)}, got {tuple(labels.shape)}"
         )
-    has_fg = labels.sum(dim=1) > 0
+    has_fg = labels.any(dim=1)
     if not has_fg.all():
         bad = (~has_fg).nonzero().flatten().tolist()
         raise ValueError(f"labels: images {bad} have no foreground class")
@@ -144,9 +145,13 @@ def ranking_map(cam: Tensor, norm_cam: Tensor, mode: str = "complement") -> Tens
         rank = normalise_cam(cam)
         rank[:, 0] = norm_cam[:, 0]
         return rank
-    rank = norm_cam.clone()
-    rank[:, 0] = 1.0 - norm_cam[:, 1:].amax(dim=1)
-    return rank
+    return _complement_(norm_cam.clone())
+
+
+def _complement_(norm_cam: Tensor) -> Tensor:
+    """The "complement" ranking map, written over norm_cam's background channel."""
+    torch.sub(1.0, norm_cam[:, 1:].amax(dim=1), out=norm_cam[:, 0])
+    return norm_cam
 
 
 # F.normalize's eps, squared: shorter vectors are divided by 1e-12 instead of their norm.
@@ -154,10 +159,10 @@ _MIN_SQUARED_NORM = 1e-24
 _AT_LEAST_FP32 = (torch.float32, torch.float64)
 
 
-def _pixel_dot(a: Tensor, b: Tensor, channels: Tensor | None = None) -> Tensor:
+def _pixel_dot(a: Tensor, b: Tensor, skip: Tensor | None = None) -> Tensor:
     """Per-pixel dot product over channels: a, b (B, D, HW) -> (B, 1, HW).
 
-    channels: (D,) bool, the channels to sum over (default all). In chunks of ~2 MB: a full
+    skip: (1, D, 1) bool, the channels to leave out (default none). In chunks of ~2 MB: a full
     (B, D, HW) product would be a fresh buffer of the maps' size, and on CPU the page faults
     of fresh large buffers cost more than the arithmetic.
     """
@@ -165,8 +170,8 @@ def _pixel_dot(a: Tensor, b: Tensor, channels: Tensor | None = None) -> Tensor:
     dots = []
     for x, z in zip(a.split(step), b.split(step), strict=True):
         prod = x * z
-        if channels is not None:
-            prod.masked_fill_(~channels[:, None], 0.0)
+        if skip is not None:
+            prod.masked_fill_(skip, 0.0)
         dots.append(prod.sum(dim=1, keepdim=True))
     return dots[0] if len(dots) == 1 else torch.cat(dots)
 
@@ -199,19 +204,20 @@ class _CosineLogits(torch.autograd.Function):
             finite = torch.isfinite(sq.view(len(views), -1).sum(dim=1))
             raise ValueError(f"{names[int((~finite).nonzero()[0])]} contains NaN or inf values")
         clamped = sq < _MIN_SQUARED_NORM
-        inv_norm = sq.clamp_min_(_MIN_SQUARED_NORM).rsqrt_()
-        out.mul_(inv_norm).masked_fill_(~valid[None, :, None], _NO_PROTOTYPE)
-        ctx.save_for_backward(scaled, valid, inv_norm, clamped, out, *flats)
+        inv_norm = sq.clamp_min_(_MIN_SQUARED_NORM).rsqrt()
+        missing = ~valid[None, :, None]
+        out.mul_(inv_norm).masked_fill_(missing, _NO_PROTOTYPE)
+        ctx.save_for_backward(scaled, missing, sq, inv_norm, clamped, out, *flats)
         ctx.dtypes = [v.dtype for v in views]
         ctx.shapes = [v.shape for v in views]
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        scaled, valid, inv_norm, clamped, out, *flats = ctx.saved_tensors
+        scaled, missing, sq, inv_norm, clamped, out, *flats = ctx.saved_tensors
         # G . f = sum_k grad_k (P_k . f) = |f| sum_k grad_k l_k over the prototypes that exist:
         # a dot over K channels instead of D.
-        along = _pixel_dot(grad, out, valid).mul_(inv_norm.square())
+        along = _pixel_dot(grad, out, missing).div_(sq)
         # Where the norm was clamped (a zero vector) it has no gradient.
         along.masked_fill_(clamped, 0.0)
         # One batched matmul for every view (missing prototypes: zero rows of P).
@@ -276,12 +282,21 @@ def prototypes_from_candidates(values: Tensor, cand: Tensor, top_k: int) -> Tens
     values: (K, M) confidences; cand: (K, M, D) features. Returns (K, D); a class whose weight
     sum is not positive gets an all-zero row (no prototype this batch).
     """
+    proto, norm = _weighted_sums(values, cand, top_k)
+    return proto / norm.clamp_min(1e-12)
+
+
+def _weighted_sums(values: Tensor, cand: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """The confidence-weighted sums (K, D) of the top-K candidates and their norms (K, 1).
+
+    The weighted mean's direction is the weighted sum's: the prototype needs no division by the
+    weight sum. A class with no weight, or only zero features, gets a zero row of norm 0.
+    """
     if values.shape[1] > top_k:  # candidates of several processes: keep the global top-K
         values, index = _stable_topk(values, top_k)
         cand = cand.gather(1, index[:, :, None].expand(-1, -1, cand.shape[2]))
-    # A class with no weight has all-zero candidates' sum, which stays zero through both divisions.
-    proto = torch.bmm(values[:, None], cand)[:, 0] / values.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    return proto / proto.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    proto = torch.bmm(values[:, None], cand)[:, 0]
+    return proto, proto.norm(dim=1, keepdim=True)
 
 
 @torch.no_grad()
@@ -438,14 +453,12 @@ def intra_view_contrast(
     """
     _check_contrast_inputs(feats, y, prototypes, tau)
     valid = _has_prototype(prototypes)
-    table = _masked(feats @ prototypes.T / tau, valid).T  # (K, N): one block of K class rows
-    zero = torch.zeros(1, 1, dtype=torch.long, device=y.device)
+    table = _masked(feats @ prototypes.T / tau, valid).T  # (K, N): one view of one image
 
     def terms(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        value, index, grad = _intra_contrast(t, zero[0], y[None], zero, valid,
-                                             prototypes.shape[0], neg_drop, neg_keep,
-                                             random_ratio, rank_lo, rank_hi, generator)
-        return value[None], lambda g: _scatter_into(t.new_zeros(t.shape), index, grad * g)
+        value, grad = _intra_contrast(t[None, None], y[None, None], valid[None], neg_drop,
+                                      neg_keep, random_ratio, rank_lo, rank_hi, generator)
+        return value[None], lambda g: (grad * g).view(t.shape)
 
     return _ClosedFormGrad.apply(table, terms)[0]
 
@@ -469,14 +482,6 @@ class _ClosedFormGrad(torch.autograd.Function):
         return ctx.grad_of(grad), None
 
 
-def _scatter_into(table: Tensor, index: Tensor, values: Tensor) -> Tensor:
-    """table (contiguous) += values at the flat indices `index` (same shape as values, repeats
-    add up); returns table. A 1-D scatter-add: ~4x faster on CPU than index_put_ with
-    accumulate."""
-    table.view(-1).scatter_add_(0, index.view(-1), values.reshape(-1))
-    return table
-
-
 def _weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Weighted per-element cross-entropies and their gradient, without autograd.
 
@@ -491,58 +496,51 @@ def _weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor) -> t
 
 
 def _intra_contrast(
-    table: Tensor,
-    first_row: Tensor,
+    own: Tensor,
     y: Tensor,
-    group_offset: Tensor,
-    group_valid: Tensor,
-    k: int,
+    valid: Tensor,
     neg_drop: int,
     neg_keep: int,
     random_ratio: float,
     rank_lo: float,
     rank_hi: float,
     generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`intra_view_contrast` on a class-major logit table: G blocks of P pixels, V views.
+) -> tuple[Tensor, Tensor]:
+    """`intra_view_contrast` of V views at once, on each view's logits against its own prototypes.
 
-    table: (T, P) masked logits (see `_masked`), no autograd; row first_row[g] + c holds class
-    c of block g. y: (G, P) labels in [0, K); group_offset: (G, 1) = K * (view of block g).
-    group_valid: (V*K,) whether each view's class has a prototype; k: K.
-    Returns the mean over views of the per-view intra term (a scalar), the flat indices into
-    the (T, P) table of the logits it reads, (1+negatives, S) for S sampled pixels, and its
-    gradient there.
+    own: (V, B, K, P) masked logits (see `_masked`), no autograd; y: (V, B, P) labels in [0, K);
+    valid: (V, K) whether each view's class has a prototype. Returns the mean over views of the
+    per-view intra term (a scalar) and its gradient (V, B, K, P).
     """
-    p, num_groups = y.shape[1], group_valid.shape[0]
-    group = (y + group_offset).view(-1)
-    pos = table.gather(0, first_row[:, None] + y).view(-1)
-    counts = torch.bincount(group, minlength=num_groups)
+    v, b, k, p = own.shape
+    group = (y + _offsets(v, k, y.device)).view(-1)  # (view, class) of every pixel
+    pos = own.gather(2, y.unsqueeze(2))  # (V, B, 1, P)
+    counts = torch.bincount(group, minlength=v * k)
     # The logit is an increasing function of the similarity, so it ranks pixels alike.
-    weight = _hard_pixel_weights(pos, group, counts, group_valid, random_ratio, rank_lo, rank_hi,
-                                 generator)
-    # Mining only for the pixels that count, over the classes with a prototype in some view:
-    # missing prototypes rank last with a logit whose exp() is 0, so leaving them out changes
-    # neither the kept negatives nor the softmax.
-    sel = weight.nonzero()[:, 0]
-    base, at = first_row.index_select(0, sel // p), sel % p
-    cols = group_valid.view(-1, k).any(dim=0).nonzero()[:, 0]
-    ranked = table[base[:, None] + cols, at[:, None]].sort(dim=1, descending=True)
+    weight = _hard_pixel_weights(pos.view(-1), group, counts, valid.view(-1), random_ratio,
+                                 rank_lo, rank_hi, generator)
+    # Semi-hard negatives of every pixel (unsampled ones get weight 0): the pixels' prototypes
+    # ranked neg_drop.. by logit. Missing prototypes rank last with a logit whose exp() is 0,
+    # so they change neither the kept negatives nor the softmax.
+    ranked = own.sort(dim=2, descending=True)
     negatives = slice(neg_drop, neg_drop + neg_keep)
-    # Class-major (1 + negatives, S), positive first: a softmax along the long axis is ~20x
-    # faster on CPU than over rows of a few entries.
-    logits = torch.cat([pos.index_select(0, sel)[None], ranked.values[:, negatives].T])
-    rows = torch.cat([y.view(-1).index_select(0, sel)[None],
-                      cols.take(ranked.indices[:, negatives]).T]) + base
+    logits = torch.cat([pos, ranked.values[:, :, negatives]], dim=2)  # positive first
     # Per class the weighted mean over its sampled pixels, per view the mean over classes with
-    # >= 2 pixels, then the mean over views: one weighted sum of the sampled pixels' losses.
-    w_sel, g_sel = weight.index_select(0, sel), group.index_select(0, sel)
-    weight_sum = torch.bincount(g_sel, weights=w_sel, minlength=num_groups).view(-1, k)
-    use = (counts.view(-1, k) >= 2) & (weight_sum > 0)
-    per_class = use / (weight_sum.clamp_min(1e-12)
-                       * (use.sum(dim=1, keepdim=True).clamp_min(1) * use.shape[0]))
-    coef = per_class.view(-1).index_select(0, g_sel) * w_sel
-    losses, grad = _weighted_cross_entropy(logits[None], torch.zeros_like(sel)[None], coef[None])
-    return losses.sum(), rows * p + at, grad[0]
+    # >= 2 pixels, then the mean over views: one weighted sum of the pixels' losses.
+    weight_sum = torch.bincount(group, weights=weight, minlength=v * k).view(v, k)
+    use = (counts.view(v, k) >= 2) & (weight_sum > 0)
+    per_class = use / (weight_sum.clamp_min(1e-12) * (use.sum(dim=1, keepdim=True).clamp_min(1) * v))
+    coef = per_class.view(-1).index_select(0, group).mul_(weight)
+    losses, grad = _weighted_cross_entropy(logits.view(v * b, -1, p), y.new_zeros(v * b, p),
+                                           coef.view(v * b, p))
+    classes = torch.cat([y.unsqueeze(2), ranked.indices[:, :, negatives]], dim=2)
+    return losses.sum(), own.new_zeros(own.shape).scatter_add_(2, classes, grad.view(classes.shape))
+
+
+@functools.lru_cache(maxsize=16)
+def _offsets(v: int, k: int, device: torch.device) -> Tensor:
+    """(V, 1, 1) = K * view: the (view, class) group of a label."""
+    return (k * torch.arange(v, device=device)).view(v, 1, 1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -553,17 +551,13 @@ def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor
 
 
 @functools.lru_cache(maxsize=16)
-def _block_layout(b: int, k: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Index constants of the (2, B, 2, K, HW) logit table of two views, per shape.
+def _block_layout(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Index constants of the (2, B, 2, K, HW) logit table of two views.
 
-    Returns first_row (2B,): table row of class 0 of block (v, i, v), each view against its own
-    prototypes; group_offset (2B, 1) = K * v; set_offset (2, 1) = K * j for prototype set j;
-    term (4,): for (view v, set j), 0 = cross-prototype (v != j), 1 = cross-CAM (v == j).
+    Returns set_offset (2, 1) = K * j for prototype set j; term (4,): for (view v, set j),
+    0 = cross-prototype (v != j), 1 = cross-CAM (v == j).
     """
-    view = torch.arange(2, device=device).repeat_interleave(b)
-    first_row = (2 * torch.arange(2 * b, device=device) + view) * k
-    term = _constant((1, 0, 0, 1), torch.int64, device)
-    return first_row, (k * view)[:, None], k * torch.arange(2, device=device)[:, None], term
+    return k * torch.arange(2, device=device)[:, None], _constant((1, 0, 0, 1), torch.int64, device)
 
 
 GatherFn = Callable[[Tensor], Tensor]
@@ -588,15 +582,24 @@ class PPCLoss(torch.nn.Module):
 
     def _labels_and_ranking(self, cam: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         norm, y = pseudo_labels(cam, labels, self.cfg.bg_threshold)
+        if self.cfg.prototype_ranking == "complement":  # norm is ours to overwrite
+            return y, _complement_(norm)
         return y, ranking_map(cam, norm, self.cfg.prototype_ranking)
 
     def _prototypes(self, ranking: Tensor, feats: Tensor | Sequence[Tensor]) -> Tensor:
+        proto, norm = self._weighted_sums(ranking, feats)
+        return proto / norm.clamp_min(1e-12)
+
+    @torch.no_grad()
+    def _weighted_sums(self, ranking: Tensor,
+                       feats: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """The module's `_weighted_sums` over every process's top-K candidates."""
         top_k = top_k_for(ranking.shape[2], ranking.shape[3], self.cfg.top_k_ratio)
         values, cand = topk_candidates(ranking, feats, top_k)
         if self.gather is not None:
             values = self.gather(values.T.contiguous()).T
             cand = self.gather(cand.transpose(0, 1).contiguous()).transpose(0, 1)
-        return prototypes_from_candidates(values, cand, top_k)
+        return _weighted_sums(values, cand, top_k)
 
     def forward(
         self,
@@ -627,18 +630,21 @@ class PPCLoss(torch.nn.Module):
         b, k, h, w = cam_s.shape
         hw = h * w
         # Pseudo labels of both views in one pass; each view has its own prototypes.
-        y, ranking = self._labels_and_ranking(torch.cat([cam_s, cam_t]), labels.repeat(2, 1))
-        both = self._prototypes(ranking, (feats_s, feats_t))
-        ok = _has_prototype(both)
+        y, ranking = self._labels_and_ranking(torch.cat([cam_s, cam_t]),
+                                              torch.cat([labels, labels]))
+        # The norm of a class's weighted sum says whether it has a prototype, and scales it.
+        proto, norm = self._weighted_sums(ranking, (feats_s, feats_t))
+        ok = norm[:, 0] > 0
         # Every term reads one of four logit maps, each view against each prototype set:
         # lg[v, i, j] = view v of image i against the prototypes of view j, (K, HW) per block.
-        lg = _CosineLogits.apply(both / c.tau, ok, ("feats_s", "feats_t"), feats_s, feats_t)
+        lg = _CosineLogits.apply(proto / (norm.clamp_min(1e-12) * c.tau), ok,
+                                 ("feats_s", "feats_t"), feats_s, feats_t)
 
         # The four cross terms as one cross-entropy over the blocks: a block against the
         # prototypes of view j takes the labels of the other view (cross-prototype: v != j,
         # cross-CAM: v == j). Each term averages two (view, set) means over kept pixels.
         y = y.view(2, b, hw)
-        first_row, group_offset, set_offset, term = _block_layout(b, k, lg.device)
+        set_offset, term = _block_layout(k, lg.device)
         target = y.flip(0).transpose(0, 1).expand(2, b, 2, hw)
         keep = ok.take(target + set_offset)
         weight = keep * (0.5 / keep.sum(dim=(1, 3), keepdim=True).clamp_min(1))
@@ -649,13 +655,17 @@ class PPCLoss(torch.nn.Module):
                 table.view(4 * b, k, hw), target.reshape(4 * b, hw), weight.view(4 * b, hw))
             per_set = losses.view(2, b, 2, hw).sum(dim=(1, 3))  # (view, prototype set)
             cross_cam = per_set.trace()
-            intra, index, intra_grad = _intra_contrast(
-                table, first_row, y.view(2 * b, hw), group_offset, ok, k, c.neg_drop,
-                neg_keep, c.hard_random_ratio, c.hard_rank_lo, c.hard_rank_hi, generator)
+            # Block (v, i, v): view v against its own prototypes.
+            own = table.view(2, b, 2, k, hw).diagonal(dim1=0, dim2=2).permute(3, 0, 1, 2)
+            intra, intra_grad = _intra_contrast(
+                own, y, ok.view(2, k), c.neg_drop, neg_keep, c.hard_random_ratio,
+                c.hard_rank_lo, c.hard_rank_hi, generator)
 
             def backward(g: Tensor) -> Tensor:
                 grad = cross_grad.view(2, b, 2, k, hw) * g.index_select(0, term).view(2, 1, 2, 1, 1)
-                return _scatter_into(grad.view(-1, hw), index, intra_grad * g[2])
+                own_grad = grad.diagonal(dim1=0, dim2=2).permute(3, 0, 1, 2)
+                own_grad.addcmul_(intra_grad, g[2])
+                return grad.view(-1, hw)
 
             return torch.stack([per_set.sum() - cross_cam, cross_cam, intra]), backward
 

@@ -72,12 +72,9 @@ def synthetic_steps(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def _preset(overrides: Sequence[str] = ()):  # noqa: ANN202 - experiments.config.RunConfig
-    from hydra import compose, initialize_config_module
+    from sweeps.objective import compose_config
 
-    from experiments.config import to_run_config
-
-    with initialize_config_module("experiments.conf", version_base=None):
-        return to_run_config(compose("config", overrides=list(overrides)))
+    return compose_config("digits", list(overrides))
 
 
 def preset_steps(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]:

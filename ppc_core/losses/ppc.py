@@ -200,7 +200,7 @@ class _CosineLogits(torch.autograd.Function):
             torch.bmm(batched, flat, out=out[i * b:(i + 1) * b])
         sq = torch.cat([_pixel_dot(flat, flat) for flat in flats])  # (V*B, 1, HW)
         # NaN or inf anywhere in a pixel's features shows in its sum of squares.
-        if not torch.isfinite(sq.sum()):
+        if not math.isfinite(sq.sum()):
             finite = torch.isfinite(sq.view(len(views), -1).sum(dim=1))
             raise ValueError(f"{names[int((~finite).nonzero()[0])]} contains NaN or inf values")
         clamped = sq < _MIN_SQUARED_NORM
@@ -513,7 +513,8 @@ def _intra_contrast(
     per-view intra term (a scalar) and its gradient (V, B, K, P).
     """
     v, b, k, p = own.shape
-    group = (y + _offsets(v, k, y.device)).view(-1)  # (view, class) of every pixel
+    offsets = _constant(tuple(((k * i,),) for i in range(v)), torch.int64, y.device)  # (V, 1, 1)
+    group = (y + offsets).view(-1)  # (view, class) of every pixel
     pos = own.gather(2, y.unsqueeze(2))  # (V, B, 1, P)
     counts = torch.bincount(group, minlength=v * k)
     # The logit is an increasing function of the similarity, so it ranks pixels alike.
@@ -537,27 +538,11 @@ def _intra_contrast(
     return losses.sum(), own.new_zeros(own.shape).scatter_add_(2, classes, grad.view(classes.shape))
 
 
-@functools.lru_cache(maxsize=16)
-def _offsets(v: int, k: int, device: torch.device) -> Tensor:
-    """(V, 1, 1) = K * view: the (view, class) group of a label."""
-    return (k * torch.arange(v, device=device)).view(v, 1, 1)
-
-
 @functools.lru_cache(maxsize=64)
 def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small tensor of Python numbers, built once per value: torch.tensor() costs more than
     most ops of the loss at small grids. Read-only."""
     return torch.tensor(values, dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=16)
-def _block_layout(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Index constants of the (2, B, 2, K, HW) logit table of two views.
-
-    Returns set_offset (2, 1) = K * j for prototype set j; term (4,): for (view v, set j),
-    0 = cross-prototype (v != j), 1 = cross-CAM (v == j).
-    """
-    return k * torch.arange(2, device=device)[:, None], _constant((1, 0, 0, 1), torch.int64, device)
 
 
 GatherFn = Callable[[Tensor], Tensor]
@@ -578,17 +563,14 @@ class PPCLoss(torch.nn.Module):
     def prototypes(self, cam: Tensor, feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Pseudo labels (B*H*W,) and prototypes (C+1, D) of one view."""
         y, ranking = self._labels_and_ranking(cam, labels)
-        return y.reshape(-1), self._prototypes(ranking, feats)
+        proto, norm = self._weighted_sums(ranking, feats)
+        return y.reshape(-1), proto / norm.clamp_min(1e-12)
 
     def _labels_and_ranking(self, cam: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         norm, y = pseudo_labels(cam, labels, self.cfg.bg_threshold)
         if self.cfg.prototype_ranking == "complement":  # norm is ours to overwrite
             return y, _complement_(norm)
         return y, ranking_map(cam, norm, self.cfg.prototype_ranking)
-
-    def _prototypes(self, ranking: Tensor, feats: Tensor | Sequence[Tensor]) -> Tensor:
-        proto, norm = self._weighted_sums(ranking, feats)
-        return proto / norm.clamp_min(1e-12)
 
     @torch.no_grad()
     def _weighted_sums(self, ranking: Tensor,
@@ -644,7 +626,10 @@ class PPCLoss(torch.nn.Module):
         # prototypes of view j takes the labels of the other view (cross-prototype: v != j,
         # cross-CAM: v == j). Each term averages two (view, set) means over kept pixels.
         y = y.view(2, b, hw)
-        set_offset, term = _block_layout(k, lg.device)
+        # set_offset: K * j for prototype set j; term of (view v, set j): 0 = cross-prototype
+        # (v != j), 1 = cross-CAM (v == j).
+        set_offset = _constant(((0,), (k,)), torch.int64, lg.device)
+        term = _constant((1, 0, 0, 1), torch.int64, lg.device)
         target = y.flip(0).transpose(0, 1).expand(2, b, 2, hw)
         keep = ok.take(target + set_offset)
         weight = keep * (0.5 / keep.sum(dim=(1, 3), keepdim=True).clamp_min(1))

@@ -63,20 +63,21 @@ class Objective:
 
         terms = {"cls": (seam.classification_loss(src.cam, labels)
                          + seam.classification_loss(tgt.cam, labels)) / 2}
-        cam_s, cam_t = align(src.cam), tgt.cam
         w = self.seam_weights
+        # Source maps on the target grid, each aligned once and only if a term reads it.
+        rv_s = None if src.cam_rv is None else align(src.cam_rv)
+        cam_s = align(src.cam) if w is not None or (use_ppc and rv_s is None) else None
         if w is not None:
-            terms["er"] = w.er * seam.equivariant_reg(cam_s, cam_t, labels)
-            if src.cam_rv is not None:
-                rv_s, rv_t = align(src.cam_rv), tgt.cam_rv
-                terms["ecr"] = w.ecr * seam.equivariant_cross_reg(cam_s, cam_t, rv_s, rv_t, labels)
+            terms["er"] = w.er * seam.equivariant_reg(cam_s, tgt.cam, labels)
+            if rv_s is not None:
+                terms["ecr"] = w.ecr * seam.equivariant_cross_reg(cam_s, tgt.cam, rv_s,
+                                                                  tgt.cam_rv, labels)
                 terms["min_pool"] = w.min_pool * (seam.min_pool_loss(src.cam_rv, labels)
                                                   + seam.min_pool_loss(tgt.cam_rv, labels)) / 2
         if use_ppc:
             # The reference builds prototypes and pseudo labels from the PCM-refined CAM.
-            if src.cam_rv is not None:
-                cam_s, cam_t = align(src.cam_rv), tgt.cam_rv
-            out = self.ppc(align(src.proj), cam_s, tgt.proj, cam_t, labels, generator)
+            cams = (cam_s, tgt.cam) if rv_s is None else (rv_s, tgt.cam_rv)
+            out = self.ppc(align(src.proj), cams[0], tgt.proj, cams[1], labels, generator)
             c = self.ppc.cfg
             weights = {"cross_proto": c.w_cross_proto, "cross_cam": c.w_cross_cam,
                        "intra": c.w_intra}

@@ -109,7 +109,6 @@ def _validate_cam_labels(cam: Tensor, labels: Tensor) -> None:
     if not has_fg.all():
         bad = (~has_fg).nonzero().flatten().tolist()
         raise ValueError(f"labels: images {bad} have no foreground class")
-    _check_finite("cam", cam)
 
 
 @torch.no_grad()
@@ -122,10 +121,18 @@ def pseudo_labels(cam: Tensor, labels: Tensor, bg_threshold: float = 0.20) -> tu
     bg_threshold, and y (B, H, W) int64 = argmax of softmax(norm_cam).
     """
     _validate_cam_labels(cam, labels)
+    _check_finite("cam", cam)
     if not 0.0 <= bg_threshold <= 1.0:
         raise ValueError(f"bg_threshold must be in [0, 1], got {bg_threshold}")
+    return _pseudo_labels(cam, labels, bg_threshold)
+
+
+def _pseudo_labels(cam: Tensor, labels: Tensor, bg_threshold: float) -> tuple[Tensor, Tensor]:
+    """`pseudo_labels` without the checks, for V views of the same B images stacked along the
+    batch: cam (V*B, C+1, H, W), labels (B, C)."""
     norm = normalise_cam(cam)
-    norm.narrow(1, 1, labels.shape[1]).mul_(labels[:, :, None, None])
+    b, k = labels.shape[0], cam.shape[1]
+    norm.view(-1, b, k, *cam.shape[2:])[:, :, 1:].mul_(labels[:, :, None, None])
     norm[:, 0] = bg_threshold
     # softmax is monotone, so argmax of the scores is argmax of the masked map itself; max()
     # returns the same first-maximum index and reduces over a strided dim ~4x faster on CPU.
@@ -154,81 +161,81 @@ def _complement_(norm_cam: Tensor) -> Tensor:
     return norm_cam
 
 
-# F.normalize's eps, squared: shorter vectors are divided by 1e-12 instead of their norm.
-_MIN_SQUARED_NORM = 1e-24
+# F.normalize's eps: shorter vectors are divided by it instead of their norm.
+_MIN_NORM = 1e-12
 _AT_LEAST_FP32 = (torch.float32, torch.float64)
 
 
-def _pixel_dot(a: Tensor, b: Tensor, skip: Tensor | None = None) -> Tensor:
+def _pixel_dot(a: Tensor, b: Tensor, keep: Tensor | None = None) -> Tensor:
     """Per-pixel dot product over channels: a, b (B, D, HW) -> (B, 1, HW).
 
-    skip: (1, D, 1) bool, the channels to leave out (default none). In chunks of ~2 MB: a full
+    keep: (1, D, 1) bool, the channels to count (default all). In chunks of ~2 MB: a full
     (B, D, HW) product would be a fresh buffer of the maps' size, and on CPU the page faults
     of fresh large buffers cost more than the arithmetic.
     """
-    step = max(1, (1 << 19) // a[0].numel())
+    step = max(1, (1 << 19) // (a.shape[1] * a.shape[2]))
     dots = []
-    for x, z in zip(a.split(step), b.split(step), strict=True):
+    for x, z in zip(a.split(step), b.split(step), strict=True) if step < len(a) else [(a, b)]:
         prod = x * z
-        if skip is not None:
-            prod.masked_fill_(skip, 0.0)
+        if keep is not None:
+            prod.mul_(keep)
         dots.append(prod.sum(dim=1, keepdim=True))
     return dots[0] if len(dots) == 1 else torch.cat(dots)
 
 
-class _CosineLogits(torch.autograd.Function):
-    """Cosine similarity of every pixel of V views to every prototype, times 1/tau, masked.
+class _CosineTerms(torch.autograd.Function):
+    """Loss terms of the cosine similarities of every pixel of V views to every prototype.
 
-    Forward: scaled prototypes (K, D) (= prototypes / tau, no gradient), valid (K,) bool, names
-    (V,) of the views for error messages, then V maps (B, D, H, W). Returns (V*B, K, H*W), class
-    axis in the middle as the batched matmul writes it; columns of missing prototypes hold
-    `_NO_PROTOTYPE`. The hand-written backward, G / |f| - (G . f) f / |f|^3 with G = P.T @ grad,
-    allocates the (V*B, D, H*W) feature gradient and nothing else of that size (autograd through
-    f / |f| allocates several).
+    Forward: scaled prototypes (K, D) (= prototypes / tau, no gradient), valid (K,) bool,
+    terms, then V maps (B, D, H, W). The logits table (V*B, K, H*W) holds the cosines times
+    1/tau, class axis in the middle as the batched matmul writes it, and `_NO_PROTOTYPE` in the
+    columns of missing prototypes; terms(table) -> (values (T,), backward) with backward(grad
+    (T,)) -> d(grad . values) / d table, both without autograd. Returns values.
+    The feature gradient, G / |f| - (G . f) f / |f|^3 with G = P.T @ d/dtable, is written out:
+    it allocates the (V*B, D, H*W) result and nothing else of that size (autograd through
+    f / |f| allocates several), and one autograd node serves every term.
     """
 
     @staticmethod
-    def forward(ctx, scaled: Tensor, valid: Tensor, names: tuple[str, ...],  # noqa: ANN001
+    def forward(ctx, scaled: Tensor, valid: Tensor, terms: Callable,  # noqa: ANN001
                 *views: Tensor) -> Tensor:
         # Autograd is off in here: no detach; float32 at least (bf16 / fp16 under autocast).
         flats = [v.flatten(2) if v.dtype in _AT_LEAST_FP32 else v.float().flatten(2)
                  for v in views]
         b, hw = flats[0].shape[0], flats[0].shape[2]
-        out = scaled.new_empty(len(views) * b, scaled.shape[0], hw)
+        table = scaled.new_empty(len(views) * b, scaled.shape[0], hw)
         batched = scaled.expand(b, -1, -1)
         for i, flat in enumerate(flats):
-            torch.bmm(batched, flat, out=out[i * b:(i + 1) * b])
+            torch.bmm(batched, flat, out=table[i * b:(i + 1) * b])
+        # A multiply and a sum: linalg.vector_norm costs ~4x as much at these sizes.
         sq = torch.cat([_pixel_dot(flat, flat) for flat in flats])  # (V*B, 1, HW)
-        # NaN or inf anywhere in a pixel's features shows in its sum of squares.
-        if not math.isfinite(sq.sum()):
-            finite = torch.isfinite(sq.view(len(views), -1).sum(dim=1))
-            raise ValueError(f"{names[int((~finite).nonzero()[0])]} contains NaN or inf values")
-        clamped = sq < _MIN_SQUARED_NORM
-        inv_norm = sq.clamp_min_(_MIN_SQUARED_NORM).rsqrt()
-        missing = ~valid[None, :, None]
-        out.mul_(inv_norm).masked_fill_(missing, _NO_PROTOTYPE)
-        ctx.save_for_backward(scaled, missing, sq, inv_norm, clamped, out, *flats)
+        clamped = sq < _MIN_NORM ** 2
+        inv_norm = sq.clamp_min_(_MIN_NORM ** 2).rsqrt_()
+        keep = valid[None, :, None]
+        table.mul_(inv_norm).masked_fill_(~keep, _NO_PROTOTYPE)
+        values, ctx.grad_of = terms(table)
+        ctx.save_for_backward(scaled, keep, inv_norm, clamped, table, *flats)
         ctx.dtypes = [v.dtype for v in views]
         ctx.shapes = [v.shape for v in views]
-        return out
+        return values
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        scaled, missing, sq, inv_norm, clamped, out, *flats = ctx.saved_tensors
-        # G . f = sum_k grad_k (P_k . f) = |f| sum_k grad_k l_k over the prototypes that exist:
-        # a dot over K channels instead of D.
-        along = _pixel_dot(grad, out, missing).div_(sq)
-        # Where the norm was clamped (a zero vector) it has no gradient.
-        along.masked_fill_(clamped, 0.0)
-        # One batched matmul for every view (missing prototypes: zero rows of P).
-        g = torch.bmm(scaled.T.expand(grad.shape[0], -1, -1), grad).mul_(inv_norm)
-        grads = []
-        views = zip(flats, g.chunk(len(flats)), along.chunk(len(flats)), strict=True)
-        for i, (flat, g_view, along_view) in enumerate(views):
-            grads.append(g_view.addcmul_(flat, along_view, value=-1.0)
-                         .view(ctx.shapes[i]).to(ctx.dtypes[i])
-                         if ctx.needs_input_grad[3 + i] else None)
-        return None, None, None, *grads
+    def backward(ctx, grad_values: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        scaled, keep, inv_norm, clamped, table, *flats = ctx.saved_tensors
+        grad = ctx.grad_of(grad_values).view(table.shape)
+        # G . f / |f| = sum_k grad_k l_k over the prototypes that exist: a dot over K channels
+        # instead of D. Where the norm was clamped (a zero vector) it has no gradient.
+        along = _pixel_dot(grad, table, keep).mul_(inv_norm).masked_fill_(clamped, 0.0)
+        # One batched matmul for every view (missing prototypes: zero rows of P), then
+        # (G - f (G . f) / |f|^2) / |f| in place.
+        g = torch.bmm(scaled.T.expand(grad.shape[0], -1, -1), grad)
+        g_views = g.chunk(len(flats))
+        for flat, g_view, along_view in zip(flats, g_views, along.chunk(len(flats)), strict=True):
+            g_view.addcmul_(flat, along_view, value=-1.0)
+        g.mul_(inv_norm)
+        needed = ctx.needs_input_grad[3:]
+        return None, None, None, *(x.view(shape).to(dtype) if need else None for x, shape, dtype, need
+                                   in zip(g_views, ctx.shapes, ctx.dtypes, needed, strict=True))
 
 
 @torch.no_grad()
@@ -236,9 +243,10 @@ def topk_candidates(confidence: Tensor, feats: Tensor | Sequence[Tensor],
                     top_k: int) -> tuple[Tensor, Tensor]:
     """Each class's `top_k` most confident pixels of a (local) batch.
 
-    confidence: (B, K, H, W) ranking map; feats: (B, D, H, W) projected features.
-    Returns values (K, k) and features (K, k, D), k = min(top_k, B*H*W). The prototype of a
-    data-parallel batch is the top-K of every rank's candidates (see `prototypes_from_candidates`).
+    confidence: (B, K, H, W) ranking map (>= 0); feats: (B, D, H, W) projected features.
+    Returns values (K, k), largest first, and features (K, k, D), k = min(top_k, B*H*W). The
+    prototype of a data-parallel batch is the top-K of every rank's candidates (see
+    `prototypes_from_candidates`).
     With V views, feats is the sequence of their maps and confidence their maps stacked
     along B: each view is its own pool, rows (V*K, ...) view-major.
     """
@@ -252,26 +260,28 @@ def topk_candidates(confidence: Tensor, feats: Tensor | Sequence[Tensor],
             "must share batch and spatial dimensions"
         )
     pools = confidence.reshape(len(views), b // len(views), k, h * w).transpose(1, 2)
-    values, index = _stable_topk(pools.reshape(len(views) * k, -1), top_k)  # (b, h, w) order
+    values, index = _stable_topk(pools.reshape(len(views) * k, -1), top_k)  # into (b, h, w)
     # Gather the k rows straight from the (B, D, H*W) maps: no (N, D) copy of the features.
-    image, pixel = (index // (h * w)).chunk(len(views)), (index % (h * w)).chunk(len(views))
-    cand = [f.flatten(2)[i, :, p] for f, i, p in zip(views, image, pixel, strict=True)]
+    image, pixel = index // (h * w), index % (h * w)
+    cand = [f.flatten(2)[image[v * k:(v + 1) * k], :, pixel[v * k:(v + 1) * k]]
+            for v, f in enumerate(views)]
     return values, (cand[0] if len(cand) == 1 else torch.cat(cand)).float()
 
 
 def _stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Each row's k largest entries, ties at the k-th value going to the lowest indices.
+    """Each row's k largest entries, ties going to the lowest indices.
 
     Confidences tie often (background = 1 wherever no class fires). With this rule the
     candidates of N processes, concatenated in rank order, select the very pixels one process
-    holding the whole batch would. x: (K, M) -> values, indices (K, k) in ascending index order.
+    holding the whole batch would, in the same order. x: (K, M) confidences >= 0 (their float32
+    bits order like integers). Returns values, indices (K, k), largest first, ties by index.
     """
     k = min(k, x.shape[1])
-    kth = x.topk(k, dim=1).values[:, -1:]
-    above, tie = x > kth, x == kth
-    need = k - above.sum(dim=1, keepdim=True)
-    chosen = above | (tie & (tie.cumsum(dim=1) <= need))
-    index = chosen.nonzero()[:, 1].view(x.shape[0], k)
+    # One top-k of int64 keys index - value bits * 2^32: smallest = largest value, then lowest
+    # index; the low 32 bits give the index back. No tie pass and no host sync (GPU).
+    keys = torch.sub(_arange(x.shape[1], x.device), x.float().view(torch.int32).long(),
+                     alpha=1 << 32)
+    index = keys.topk(k, dim=1, largest=False).values.bitwise_and_(0xFFFFFFFF)
     return x.gather(1, index), index
 
 
@@ -295,8 +305,9 @@ def _weighted_sums(values: Tensor, cand: Tensor, top_k: int) -> tuple[Tensor, Te
     if values.shape[1] > top_k:  # candidates of several processes: keep the global top-K
         values, index = _stable_topk(values, top_k)
         cand = cand.gather(1, index[:, :, None].expand(-1, -1, cand.shape[2]))
-    proto = torch.bmm(values[:, None], cand)[:, 0]
-    return proto, proto.norm(dim=1, keepdim=True)
+    # Products and sums, not bmm and linalg.vector_norm: at these sizes their calls cost more.
+    proto = (values[:, :, None] * cand).sum(dim=1)
+    return proto, (proto * proto).sum(dim=1, keepdim=True).sqrt_()
 
 
 @torch.no_grad()
@@ -411,13 +422,14 @@ def _hard_pixel_weights(
     block = torch.cat([y, y + counts.shape[0]])
     noise = torch.rand(n, generator=generator, device="cpu").to(y.device)
     keys = _ordered_int(torch.cat([noise, similarity])) + (block << 33)  # cat keeps the order
-    pos = torch.empty_like(keys)
-    pos[keys.argsort(stable=True)] = torch.arange(2 * n, device=y.device)
+    pos = torch.empty_like(keys).scatter_(0, keys.argsort(stable=True), _arange(2 * n, y.device))
     # Per class, where the kept positions end: the random share of the noise block, the window
-    # of the similarity block (float64: float32 floors 0.65 * 180 to 116).
+    # of the similarity block. floor(ratio * n) in float64 (float32 floors 0.65 * 180 to 116);
+    # .long() truncates, which is the floor of these non-negative products.
     sampled = counts if eligible is None else counts * eligible
-    ratios = _constant(((random_ratio, 0), (rank_lo, n), (rank_hi, n)), torch.float64, y.device)
-    ends = (torch.floor(ratios[:, :1] * sampled) + ratios[:, 1:]).long() + (counts.cumsum(0) - counts)
+    ratios = _constant(((random_ratio,), (rank_lo,), (rank_hi,)), torch.float64, y.device)
+    blocks = _constant(((0,), (n,), (n,)), torch.int64, y.device)  # similarity keys: after n
+    ends = (ratios * sampled).long() + (counts.cumsum(0) - counts + blocks)
     share_end, lo, hi = ends.index_select(1, y)
     sim_pos = pos[n:]
     return (pos[:n] < share_end).to(similarity.dtype) + ((sim_pos >= lo) & (sim_pos < hi))
@@ -482,17 +494,19 @@ class _ClosedFormGrad(torch.autograd.Function):
         return ctx.grad_of(grad), None
 
 
-def _weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def _weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor,
+                            dim: int = 1) -> tuple[Tensor, Tensor]:
     """Weighted per-element cross-entropies and their gradient, without autograd.
 
-    logits: (N, K, *S) class scores; target: (N, *S) int64 in [0, K); weight: (N, *S).
-    Returns losses (N, *S) = weight * CE(logits, target) and grad (N, K, *S) = d sum(losses) /
-    d logits = weight * (softmax - one-hot of the target).
+    logits: (N, K, *S) class scores (class axis `dim`); target: (N, *S) int64 in [0, K), may be
+    an expanded view; weight: (N, *S). Returns losses (N, *S) = weight * CE(logits, target) and
+    grad (N, K, *S) = d sum(losses) / d logits = weight * (softmax - one-hot of the target).
     """
-    logp = logits.log_softmax(dim=1)
-    t, w = target.unsqueeze(1), weight.unsqueeze(1)
-    losses = logp.gather(1, t).mul_(w).neg_().squeeze(1)
-    return losses, logp.exp_().mul_(w).scatter_add_(1, t, -w)
+    logp = logits.log_softmax(dim=dim)
+    t, w = target.unsqueeze(dim), weight.unsqueeze(dim)
+    neg_w = -w
+    losses = logp.gather(dim, t).mul_(neg_w).squeeze(dim)
+    return losses, logp.exp_().mul_(w).scatter_add_(dim, t, neg_w)
 
 
 def _intra_contrast(
@@ -532,8 +546,8 @@ def _intra_contrast(
     use = (counts.view(v, k) >= 2) & (weight_sum > 0)
     per_class = use / (weight_sum.clamp_min(1e-12) * (use.sum(dim=1, keepdim=True).clamp_min(1) * v))
     coef = per_class.view(-1).index_select(0, group).mul_(weight)
-    losses, grad = _weighted_cross_entropy(logits.view(v * b, -1, p), y.new_zeros(v * b, p),
-                                           coef.view(v * b, p))
+    positive = _constant((0,), torch.int64, y.device).expand(v * b, p)  # the positive is logit 0
+    losses, grad = _weighted_cross_entropy(logits.view(v * b, -1, p), positive, coef.view(v * b, p))
     classes = torch.cat([y.unsqueeze(2), ranked.indices[:, :, negatives]], dim=2)
     return losses.sum(), own.new_zeros(own.shape).scatter_add_(2, classes, grad.view(classes.shape))
 
@@ -543,6 +557,12 @@ def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor
     """A small tensor of Python numbers, built once per value: torch.tensor() costs more than
     most ops of the loss at small grids. Read-only."""
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _arange(n: int, device: torch.device) -> Tensor:
+    """0..n-1, built once per n (read-only), like `_constant`."""
+    return torch.arange(n, device=device)
 
 
 GatherFn = Callable[[Tensor], Tensor]
@@ -562,12 +582,15 @@ class PPCLoss(torch.nn.Module):
 
     def prototypes(self, cam: Tensor, feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Pseudo labels (B*H*W,) and prototypes (C+1, D) of one view."""
+        _validate_cam_labels(cam, labels)
+        _check_finite("cam", cam)
         y, ranking = self._labels_and_ranking(cam, labels)
         proto, norm = self._weighted_sums(ranking, feats)
         return y.reshape(-1), proto / norm.clamp_min(1e-12)
 
     def _labels_and_ranking(self, cam: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        norm, y = pseudo_labels(cam, labels, self.cfg.bg_threshold)
+        """cam: V views of the images of labels (B, C), stacked along the batch."""
+        norm, y = _pseudo_labels(cam, labels, self.cfg.bg_threshold)
         if self.cfg.prototype_ranking == "complement":  # norm is ours to overwrite
             return y, _complement_(norm)
         return y, ranking_map(cam, norm, self.cfg.prototype_ranking)
@@ -597,7 +620,8 @@ class PPCLoss(torch.nn.Module):
         feats_*: (B, D, H, W) projector outputs; cam_*: (B, C+1, H, W) raw CAMs (the source ones
         already aligned onto the target grid); labels: (B, C) multi-hot.
         Returns the unweighted terms "cross_proto", "cross_cam", "intra" (each averaged over
-        the two directions/views) and their weighted sum "total".
+        the two directions/views) and their weighted sum "total". NaN or inf in an input
+        raises a ValueError naming it.
         """
         if feats_s.shape != feats_t.shape or cam_s.shape != cam_t.shape:
             raise ValueError(
@@ -608,54 +632,61 @@ class PPCLoss(torch.nn.Module):
             raise ValueError(
                 f"feats {tuple(feats_s.shape)} and cam {tuple(cam_s.shape)} must share batch and grid"
             )
+        _validate_cam_labels(cam_s, labels)
         c = self.cfg
         b, k, h, w = cam_s.shape
         hw = h * w
         # Pseudo labels of both views in one pass; each view has its own prototypes.
-        y, ranking = self._labels_and_ranking(torch.cat([cam_s, cam_t]),
-                                              torch.cat([labels, labels]))
+        with torch.no_grad():
+            cams = torch.cat([cam_s, cam_t])
+            # A NaN or inf CAM score need not make the loss NaN (it may only move pseudo
+            # labels): the CAMs' sum joins the loss value in the one finiteness check below.
+            cam_sum = cams.sum()
+            y, ranking = self._labels_and_ranking(cams, labels)
         # The norm of a class's weighted sum says whether it has a prototype, and scales it.
         proto, norm = self._weighted_sums(ranking, (feats_s, feats_t))
         ok = norm[:, 0] > 0
-        # Every term reads one of four logit maps, each view against each prototype set:
-        # lg[v, i, j] = view v of image i against the prototypes of view j, (K, HW) per block.
-        lg = _CosineLogits.apply(proto / (norm.clamp_min(1e-12) * c.tau), ok,
-                                 ("feats_s", "feats_t"), feats_s, feats_t)
 
         # The four cross terms as one cross-entropy over the blocks: a block against the
         # prototypes of view j takes the labels of the other view (cross-prototype: v != j,
         # cross-CAM: v == j). Each term averages two (view, set) means over kept pixels.
         y = y.view(2, b, hw)
-        # set_offset: K * j for prototype set j; term of (view v, set j): 0 = cross-prototype
-        # (v != j), 1 = cross-CAM (v == j).
-        set_offset = _constant(((0,), (k,)), torch.int64, lg.device)
-        term = _constant((1, 0, 0, 1), torch.int64, lg.device)
-        target = y.flip(0).transpose(0, 1).expand(2, b, 2, hw)
-        keep = ok.take(target + set_offset)
-        weight = keep * (0.5 / keep.sum(dim=(1, 3), keepdim=True).clamp_min(1))
+        target = y.flip(0).transpose(0, 1).expand(2, b, 2, hw)  # labels of view 1 - j
+        keep = ok.take(target + _constant(((0,), (k,)), torch.int64, ok.device))
+        weight = keep / keep.sum(dim=(1, 3), keepdim=True).mul_(2).clamp_min_(1)
+        # The terms and their weighted total: sums of the four (view, set) sums and intra, by mix.
+        w_cp, w_cc, w_in = c.w_cross_proto, c.w_cross_cam, c.w_intra
+        mix = ((0, 1, 0, w_cc), (1, 0, 0, w_cp), (1, 0, 0, w_cp), (0, 1, 0, w_cc), (0, 0, 1, w_in))
         neg_keep = max(1, round(c.neg_keep_ratio * k))
 
+        # Every term reads one of four logit maps, each view against each prototype set:
+        # table[v, i, j] = view v of image i against the prototypes of view j, (K, HW) per block.
         def terms(table: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-            losses, cross_grad = _weighted_cross_entropy(
-                table.view(4 * b, k, hw), target.reshape(4 * b, hw), weight.view(4 * b, hw))
-            per_set = losses.view(2, b, 2, hw).sum(dim=(1, 3))  # (view, prototype set)
-            cross_cam = per_set.trace()
+            table = table.view(2, b, 2, k, hw)
+            losses, cross_grad = _weighted_cross_entropy(table, target, weight, dim=3)
             # Block (v, i, v): view v against its own prototypes.
-            own = table.view(2, b, 2, k, hw).diagonal(dim1=0, dim2=2).permute(3, 0, 1, 2)
+            own = table.diagonal(dim1=0, dim2=2).permute(3, 0, 1, 2)
             intra, intra_grad = _intra_contrast(
                 own, y, ok.view(2, k), c.neg_drop, neg_keep, c.hard_random_ratio,
                 c.hard_rank_lo, c.hard_rank_hi, generator)
+            m = _constant(mix, table.dtype, table.device)
+            per_set = losses.sum(dim=(1, 3))  # (view, prototype set)
 
+            # Products and sums, not matmuls: a (5, 4) matmul call costs several of them.
             def backward(g: Tensor) -> Tensor:
-                grad = cross_grad.view(2, b, 2, k, hw) * g.index_select(0, term).view(2, 1, 2, 1, 1)
+                scale = (m * g).sum(dim=1)
+                grad = cross_grad * scale[:4].view(2, 1, 2, 1, 1)
                 own_grad = grad.diagonal(dim1=0, dim2=2).permute(3, 0, 1, 2)
-                own_grad.addcmul_(intra_grad, g[2])
-                return grad.view(-1, hw)
+                own_grad.addcmul_(intra_grad, scale[4])
+                return grad
 
-            return torch.stack([per_set.sum() - cross_cam, cross_cam, intra]), backward
+            return (torch.cat([per_set.view(4, 1), intra.view(1, 1)]) * m).sum(dim=0), backward
 
-        values = _ClosedFormGrad.apply(lg.view(-1, hw), terms)
-        cross_proto, cross_cam, intra = values.unbind()
-        total = values @ _constant((c.w_cross_proto, c.w_cross_cam, c.w_intra), values.dtype,
-                                   values.device)
-        return {"cross_proto": cross_proto, "cross_cam": cross_cam, "intra": intra, "total": total}
+        values = _CosineTerms.apply(proto / (norm.clamp_min(1e-12) * c.tau), ok, terms,
+                                    feats_s, feats_t)
+        if not math.isfinite(values.detach()[3] + cam_sum):  # one host read for every input
+            for name, x in (("feats_s", feats_s), ("feats_t", feats_t), ("cam_s", cam_s),
+                            ("cam_t", cam_t)):
+                _check_finite(name, x)
+            raise ValueError(f"the PPC loss is not finite: {values.tolist()}")
+        return dict(zip(("cross_proto", "cross_cam", "intra", "total"), values.unbind(), strict=True))

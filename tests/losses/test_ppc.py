@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ppc_core.losses.ppc import (
     PPCConfig,
     PPCLoss,
-    _CosineLogits,
+    _CosineTerms,
     _ordered_int,
     _weighted_cross_entropy,
     estimate_prototypes,
@@ -180,8 +180,14 @@ def test_hand_written_backward_matches_autograd_of_normalised_features():
     weight = torch.randn(4, 6, 15, generator=g, dtype=torch.float64)
 
     leaves = [v.clone().requires_grad_() for v in views]
-    out = _CosineLogits.apply(protos / 0.1, valid, ("a", "b"), *leaves)
-    (out * weight).sum().backward()
+    tables = []
+
+    def terms(table):
+        tables.append(table.clone())
+        return (table * weight).sum().view(1), lambda g: weight * g
+
+    _CosineTerms.apply(protos / 0.1, valid, terms, *leaves).sum().backward()
+    out = tables[0]
     ref_leaves = [v.clone().requires_grad_() for v in views]
     unit = torch.cat([F.normalize(v, dim=1, eps=1e-12).flatten(2) for v in ref_leaves])
     ref = (protos / 0.1 @ unit).masked_fill(~valid[None, :, None], -1e9)
@@ -283,6 +289,11 @@ def test_bad_inputs_raise_clear_errors():
         loss(bad, cam_s, f_t, cam_t, labels)
     with pytest.raises(ValueError, match="feats_t contains NaN or inf"):
         loss(f_s, cam_s, f_t.clone().index_fill_(2, torch.tensor([1]), math.inf), cam_t, labels)
+    for bad_value in (math.nan, math.inf, -math.inf):  # one finiteness check, then the culprit
+        bad = cam_t.clone()
+        bad[1, 3, 2, 2] = bad_value
+        with pytest.raises(ValueError, match="cam_t contains NaN or inf"):
+            loss(f_s, cam_s, f_t, bad, labels)
     with pytest.raises(ValueError, match="views must share"):
         loss(f_s[:, :, :4], cam_s, f_t, cam_t, labels)
     with pytest.raises(ValueError, match="labels"):

@@ -289,7 +289,7 @@ def _stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def prototypes_from_candidates(values: Tensor, cand: Tensor, top_k: int) -> Tensor:
     """Confidence-weighted mean of the top-K candidates, L2-normalised.
 
-    values: (K, M) confidences; cand: (K, M, D) features. Returns (K, D); a class whose weight
+    values: (K, M) confidences >= 0; cand: (K, M, D) features. Returns (K, D); a class whose weight
     sum is not positive gets an all-zero row (no prototype this batch).
     """
     proto, norm = _weighted_sums(values, cand, top_k)
@@ -314,7 +314,7 @@ def _weighted_sums(values: Tensor, cand: Tensor, top_k: int) -> tuple[Tensor, Te
 def estimate_prototypes(norm_cam: Tensor, feats: Tensor, top_k: int) -> Tensor:
     """Class prototypes from the whole batch's top-K most confident pixels.
 
-    norm_cam: (B, C+1, H, W) confidences (e.g. `pseudo_labels(...)[0]` or `ranking_map`).
+    norm_cam: (B, C+1, H, W) confidences >= 0 (e.g. `pseudo_labels(...)[0]` or `ranking_map`).
     feats: (B, D, H, W) projected features, before L2 normalisation (as the reference).
     Returns (C+1, D) unit rows, or all-zero rows for classes with no positive confidence.
     """

@@ -9,6 +9,7 @@ from ppc_core.losses.ppc import (
     PPCLoss,
     _CosineTerms,
     _ordered_int,
+    _stable_topk,
     _weighted_cross_entropy,
     estimate_prototypes,
     hard_pixel_weights,
@@ -111,6 +112,22 @@ def test_prototypes_come_only_from_top_k_pixels():
     moved = f_s.clone()
     moved[b, :, rest // H, rest % H] += 100.0
     assert not torch.allclose(estimate_prototypes(norm, moved, k)[4], p[4])
+
+
+def test_stable_topk_takes_the_largest_then_the_lowest_indices():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(0, 4, (6, 40), generator=g).float() / 4  # many ties, 0.0 included
+    x[0] = 1.0  # one row all tied
+    values, index = _stable_topk(x, 7)
+    for row, got in zip(x.tolist(), index.tolist(), strict=True):
+        assert got == sorted(range(len(row)), key=lambda i: (-row[i], i))[:7]
+    assert torch.equal(values, x.gather(1, index))
+    # Candidates of two halves, concatenated, give the whole batch's choice in the same order.
+    halves = [_stable_topk(part, 7) for part in x.split(20, dim=1)]
+    pooled = torch.cat([v for v, _ in halves], dim=1)
+    origin = torch.cat([i + 20 * h for h, (_, i) in enumerate(halves)], dim=1)
+    _, pick = _stable_topk(pooled, 7)
+    assert torch.equal(origin.gather(1, pick), index)
 
 
 def test_prototypes_are_weighted_means_and_absent_classes_get_zero_rows():

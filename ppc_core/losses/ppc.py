@@ -2,7 +2,10 @@
 
 Every constant of the authors' reference code is a field of `PPCConfig`; see
 `shared/method.md` for where our defaults follow the code rather than the paper.
-All functions are vectorised over pixels and classes.
+All functions are vectorised over pixels and classes. At small grids a training step pays per
+call, and more per distinct kernel (its code is cold after the network's convolutions, ~10 us
+each on CPU), so the loss keeps to few kinds - gather, scatter_add_, max, strict comparisons -
+where others would read as well.
 """
 
 from __future__ import annotations
@@ -157,7 +160,7 @@ def ranking_map(cam: Tensor, norm_cam: Tensor, mode: str = "complement") -> Tens
 
 def _complement_(norm_cam: Tensor) -> Tensor:
     """The "complement" ranking map, written over norm_cam's background channel."""
-    torch.sub(1.0, norm_cam[:, 1:].amax(dim=1), out=norm_cam[:, 0])
+    torch.sub(1.0, norm_cam[:, 1:].max(dim=1).values, out=norm_cam[:, 0])
     return norm_cam
 
 
@@ -262,7 +265,8 @@ def topk_candidates(confidence: Tensor, feats: Tensor | Sequence[Tensor],
     pools = confidence.reshape(len(views), b // len(views), k, h * w).transpose(1, 2)
     values, index = _stable_topk(pools.reshape(len(views) * k, -1), top_k)  # into (b, h, w)
     # Gather the k rows straight from the (B, D, H*W) maps: no (N, D) copy of the features.
-    image, pixel = index // (h * w), index % (h * w)
+    image = index // (h * w)
+    pixel = index - image * (h * w)
     cand = [f.flatten(2)[image[v * k:(v + 1) * k], :, pixel[v * k:(v + 1) * k]]
             for v, f in enumerate(views)]
     return values, (cand[0] if len(cand) == 1 else torch.cat(cand)).float()
@@ -421,18 +425,20 @@ def _hard_pixel_weights(
     # so that every block is ranked at once. pos: each key's position in the sorted list.
     block = torch.cat([y, y + counts.shape[0]])
     noise = torch.rand(n, generator=generator, device="cpu").to(y.device)
-    keys = _ordered_int(torch.cat([noise, similarity])) + (block << 33)  # cat keeps the order
-    pos = torch.empty_like(keys).scatter_(0, keys.argsort(stable=True), _arange(2 * n, y.device))
+    keys = torch.add(_ordered_int(torch.cat([noise, similarity])), block, alpha=1 << 33)
+    pos = torch.zeros_like(keys).scatter_add_(0, keys.argsort(stable=True),
+                                              _arange(2 * n, y.device))
     # Per class, where the kept positions end: the random share of the noise block, the window
-    # of the similarity block. floor(ratio * n) in float64 (float32 floors 0.65 * 180 to 116);
-    # .long() truncates, which is the floor of these non-negative products.
+    # of the similarity block (its start minus 1: both of its tests are strict). floor(ratio * n)
+    # in float64 (float32 floors 0.65 * 180 to 116); .long() truncates, which is the floor of
+    # these non-negative products.
     sampled = counts if eligible is None else counts * eligible
     ratios = _constant(((random_ratio,), (rank_lo,), (rank_hi,)), torch.float64, y.device)
-    blocks = _constant(((0,), (n,), (n,)), torch.int64, y.device)  # similarity keys: after n
+    blocks = _constant(((0,), (n - 1,), (n,)), torch.int64, y.device)  # similarity keys: from n
     ends = (ratios * sampled).long() + (counts.cumsum(0) - counts + blocks)
-    share_end, lo, hi = ends.index_select(1, y)
+    share_end, lo, hi = ends.gather(1, y.expand(3, -1))
     sim_pos = pos[n:]
-    return (pos[:n] < share_end).to(similarity.dtype) + ((sim_pos >= lo) & (sim_pos < hi))
+    return (pos[:n] < share_end).to(similarity.dtype) + ((sim_pos > lo) & (sim_pos < hi))
 
 
 def _ordered_int(x: Tensor) -> Tensor:
@@ -504,7 +510,7 @@ def _weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor,
     """
     logp = logits.log_softmax(dim=dim)
     t, w = target.unsqueeze(dim), weight.unsqueeze(dim)
-    neg_w = -w
+    neg_w = w * -1.0
     losses = logp.gather(dim, t).mul_(neg_w).squeeze(dim)
     return losses, logp.exp_().mul_(w).scatter_add_(dim, t, neg_w)
 
@@ -543,9 +549,9 @@ def _intra_contrast(
     # Per class the weighted mean over its sampled pixels, per view the mean over classes with
     # >= 2 pixels, then the mean over views: one weighted sum of the pixels' losses.
     weight_sum = torch.bincount(group, weights=weight, minlength=v * k).view(v, k)
-    use = (counts.view(v, k) >= 2) & (weight_sum > 0)
+    use = (counts.view(v, k) > 1) & (weight_sum > 0)
     per_class = use / (weight_sum.clamp_min(1e-12) * (use.sum(dim=1, keepdim=True).clamp_min(1) * v))
-    coef = per_class.view(-1).index_select(0, group).mul_(weight)
+    coef = per_class.view(-1).gather(0, group).mul_(weight)
     positive = _constant((0,), torch.int64, y.device).expand(v * b, p)  # the positive is logit 0
     losses, grad = _weighted_cross_entropy(logits.view(v * b, -1, p), positive, coef.view(v * b, p))
     classes = torch.cat([y.unsqueeze(2), ranked.indices[:, :, negatives]], dim=2)
@@ -651,8 +657,8 @@ class PPCLoss(torch.nn.Module):
         # prototypes of view j takes the labels of the other view (cross-prototype: v != j,
         # cross-CAM: v == j). Each term averages two (view, set) means over kept pixels.
         y = y.view(2, b, hw)
-        target = y.flip(0).transpose(0, 1).expand(2, b, 2, hw)  # labels of view 1 - j
-        keep = ok.take(target + _constant(((0,), (k,)), torch.int64, ok.device))
+        target = torch.cat([y[1:], y[:1]]).transpose(0, 1).expand(2, b, 2, hw)  # of view 1 - j
+        keep = ok.view(1, 1, 2, k).expand(2, b, 2, k).gather(3, target)  # has a prototype
         weight = keep / keep.sum(dim=(1, 3), keepdim=True).mul_(2).clamp_min_(1)
         # The terms and their weighted total: sums of the four (view, set) sums and intra, by mix.
         w_cp, w_cc, w_in = c.w_cross_proto, c.w_cross_cam, c.w_intra

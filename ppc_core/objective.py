@@ -76,8 +76,8 @@ class Objective:
                                                   + seam.min_pool_loss(tgt.cam_rv, labels)) / 2
         if use_ppc:
             # The reference builds prototypes and pseudo labels from the PCM-refined CAM.
-            cams = (cam_s, tgt.cam) if rv_s is None else (rv_s, tgt.cam_rv)
-            out = self.ppc(align(src.proj), cams[0], tgt.proj, cams[1], labels, generator)
+            ppc_s, ppc_t = (cam_s, tgt.cam) if rv_s is None else (rv_s, tgt.cam_rv)
+            out = self.ppc(align(src.proj), ppc_s, tgt.proj, ppc_t, labels, generator)
             c = self.ppc.cfg
             weights = {"cross_proto": c.w_cross_proto, "cross_cam": c.w_cross_cam,
                        "intra": c.w_intra}

@@ -136,7 +136,7 @@ def _pseudo_labels(cam: Tensor, labels: Tensor, bg_threshold: float) -> tuple[Te
     norm = normalise_cam(cam)
     b, k = labels.shape[0], cam.shape[1]
     norm.view(-1, b, k, *cam.shape[2:])[:, :, 1:].mul_(labels[:, :, None, None])
-    norm[:, 0] = bg_threshold
+    norm.select(1, 0).fill_(bg_threshold)
     # softmax is monotone, so argmax of the scores is argmax of the masked map itself; max()
     # returns the same first-maximum index and reduces over a strided dim ~4x faster on CPU.
     return norm, norm.max(dim=1).indices
@@ -214,7 +214,7 @@ class _CosineTerms(torch.autograd.Function):
         sq = torch.cat([_pixel_dot(flat, flat) for flat in flats])  # (V*B, 1, HW)
         clamped = sq < _MIN_NORM ** 2
         inv_norm = sq.clamp_min_(_MIN_NORM ** 2).rsqrt_()
-        keep = valid[None, :, None]
+        keep = valid.view(1, -1, 1)
         table.mul_(inv_norm).masked_fill_(~keep, _NO_PROTOTYPE)
         values, ctx.grad_of = terms(table)
         ctx.save_for_backward(scaled, keep, inv_norm, clamped, table, *flats)
@@ -225,17 +225,18 @@ class _CosineTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         scaled, keep, inv_norm, clamped, table, *flats = ctx.saved_tensors
-        grad = ctx.grad_of(grad_values).view(table.shape)
-        # G . f / |f| = sum_k grad_k l_k over the prototypes that exist: a dot over K channels
-        # instead of D. Where the norm was clamped (a zero vector) it has no gradient.
+        # 1 / |f| scales each pixel's column: applied to the (V*B, K, HW) gradient, not to the
+        # D-wide result.
+        grad = ctx.grad_of(grad_values).view(table.shape).mul_(inv_norm)
+        # G . f / |f|^2 = sum_k grad_k l_k / |f|^2 over the prototypes that exist: a dot over K
+        # channels instead of D. Where the norm was clamped (a zero vector) it has no gradient.
         along = _pixel_dot(grad, table, keep).mul_(inv_norm).masked_fill_(clamped, 0.0)
         # One batched matmul for every view (missing prototypes: zero rows of P), then
-        # (G - f (G . f) / |f|^2) / |f| in place.
+        # G / |f| - f (G . f) / |f|^3 in place.
         g = torch.bmm(scaled.T.expand(grad.shape[0], -1, -1), grad)
         g_views = g.chunk(len(flats))
         for flat, g_view, along_view in zip(flats, g_views, along.chunk(len(flats)), strict=True):
             g_view.addcmul_(flat, along_view, value=-1.0)
-        g.mul_(inv_norm)
         needed = ctx.needs_input_grad[3:]
         return None, None, None, *(x.view(shape).to(dtype) if need else None for x, shape, dtype, need
                                    in zip(g_views, ctx.shapes, ctx.dtypes, needed, strict=True))
@@ -657,12 +658,14 @@ class PPCLoss(torch.nn.Module):
         # prototypes of view j takes the labels of the other view (cross-prototype: v != j,
         # cross-CAM: v == j). Each term averages two (view, set) means over kept pixels.
         y = y.view(2, b, hw)
-        target = torch.cat([y[1:], y[:1]]).transpose(0, 1).expand(2, b, 2, hw)  # of view 1 - j
+        swap = _constant((1, 0), torch.int64, y.device)
+        target = y[swap].transpose(0, 1).expand(2, b, 2, hw)  # labels of view 1 - j
         keep = ok.view(1, 1, 2, k).expand(2, b, 2, k).gather(3, target)  # has a prototype
-        weight = keep / keep.sum(dim=(1, 3), keepdim=True).mul_(2).clamp_min_(1)
-        # The terms and their weighted total: sums of the four (view, set) sums and intra, by mix.
-        w_cp, w_cc, w_in = c.w_cross_proto, c.w_cross_cam, c.w_intra
-        mix = ((0, 1, 0, w_cc), (1, 0, 0, w_cp), (1, 0, 0, w_cp), (0, 1, 0, w_cc), (0, 0, 1, w_in))
+        weight = keep / keep.sum(dim=(1, 3), keepdim=True).clamp_min_(1)  # a mean per block
+        # The terms and their weighted total from the four (view, set) means and intra, by mix:
+        # a cross term is half the sum of its two means (the two directions).
+        cp, cc, w_in = c.w_cross_proto / 2, c.w_cross_cam / 2, c.w_intra
+        mix = ((0, .5, 0, cc), (.5, 0, 0, cp), (.5, 0, 0, cp), (0, .5, 0, cc), (0, 0, 1, w_in))
         neg_keep = max(1, round(c.neg_keep_ratio * k))
 
         # Every term reads one of four logit maps, each view against each prototype set:

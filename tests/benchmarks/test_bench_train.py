@@ -1,6 +1,6 @@
 import argparse
 
-from benchmarks.bench_train import _BLOCK, synthetic_steps
+from benchmarks.bench_train import _BLOCK, added_interval, synthetic_steps
 
 
 def test_both_settings_get_the_same_number_of_timed_steps():
@@ -10,3 +10,17 @@ def test_both_settings_get_the_same_number_of_timed_steps():
     assert set(times) == {"CAM only", "CAM + PPC"}
     assert [len(t) for t in times.values()] == [2 * _BLOCK, 2 * _BLOCK]
     assert all(s > 0 for t in times.values() for s in t)
+
+
+def test_added_interval_resamples_paired_blocks():
+    # Each block ran at its own speed (background load), the same for both settings inside it:
+    # paired, the slowdown is exactly 10%; resampling the settings apart would widen it.
+    speeds = [1 + (j * 7 % 11) / 10 for j in range(40)]
+    base = [s for s in speeds for _ in range(_BLOCK)]
+    lo, hi = added_interval(base, [1.1 * t for t in base], _BLOCK)
+    assert abs(lo - 0.1) < 1e-9 and abs(hi - 0.1) < 1e-9
+    # 10% slower in half the blocks only: the interval spans the two.
+    other = [t * (1.1 if j % 2 else 1.0) for j, s in enumerate(speeds) for t in [s] * _BLOCK]
+    lo, hi = added_interval(base, other, _BLOCK)
+    assert 0.0 <= lo < hi <= 0.1 + 1e-9
+    assert (lo, hi) == added_interval(base, other, _BLOCK)  # seeded

@@ -2,7 +2,8 @@
 
 `python -m benchmarks.bench_train` (CPU, the default `digits` preset's model and sizes on random
 tensors, SGD), `--preset` (the default preset's whole step: a batch from its data loader, both
-views, the objective, AdamW), `--loop` (the real training loop, whole runs), or
+views, the objective, AdamW), `--breakdown` (that step, PPC's stages added one at a time),
+`--loop` (the real training loop, whole runs), or
 `python -m benchmarks.bench_train --device cuda --backbone resnet50 --size 448 --target 128
 --batch 8` on a GPU. Prints a markdown table. Target: PPC adds at most 10% to a step.
 """
@@ -22,17 +23,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ppc_core.data.views import align_to_target, target_view
 from ppc_core.losses.ppc import PPCConfig, PPCLoss
+from ppc_core.losses.seam import classification_loss
 from ppc_core.models import build_model
 from ppc_core.objective import Objective
 
 Batch = Callable[[], tuple[Tensor, Tensor]]
+# (model, images, labels, ppc_scale, generator) -> named loss terms, as `Objective`
+StepObjective = Callable[..., dict[str, Tensor]]
 _BLOCK = 5
 _LOOP_RUNS = 5
 _RESAMPLES = 2000
 
 
-def interleaved_steps(objectives: dict[str, Objective], model: nn.Module,
+def interleaved_steps(objectives: dict[str, StepObjective], model: nn.Module,
                       optimizer: torch.optim.Optimizer, next_batch: Batch, steps: int,
                       warmup: int, device: torch.device, bf16: bool = False) -> dict[str, list[float]]:
     """Seconds per optimiser step (next_batch(), both views, the objective, backward, step) for
@@ -72,6 +77,29 @@ def added_interval(base: Sequence[float], other: Sequence[float], group: int,
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(ratios, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+class ProjectorOnly:
+    """The CAM-only step plus what PPC computes before its loss: the projector of both views
+    and, with `align`, the source maps resized onto the target grid; the projections feed a
+    term of weight 1e-9, so that their backward runs too (with a cheaper gradient than the
+    loss's: the split of PPC's time between these stages is approximate)."""
+
+    def __init__(self, target_size: int, target_flip: bool, align: bool) -> None:
+        self.target_size, self.target_flip, self.align = target_size, target_flip, align
+
+    def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, ppc_scale: float = 1.0,
+                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        src = model(images, project=True, refine=False)
+        tgt = model(target_view(images, self.target_size, self.target_flip), project=True,
+                    refine=False)
+        proj = src.proj
+        if self.align:
+            grid = tuple(tgt.cam.shape[2:])
+            proj = align_to_target(src.proj, grid, self.target_flip)
+            align_to_target(src.cam, grid, self.target_flip)  # PPC reads the source CAM too
+        return {"cls": (classification_loss(src.cam, labels) + classification_loss(tgt.cam, labels)) / 2,
+                "proj": 1e-9 * (proj.sum() + tgt.proj.sum())}
 
 
 def synthetic_steps(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -119,8 +147,12 @@ def preset_steps(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]
             batch = next(batches)
         return batch["image"], batch["label"]
 
-    objectives = {"CAM only": Objective(None, d.target_size, d.target_flip),
-                  "CAM + PPC": with_ppc}
+    objectives: dict[str, StepObjective] = {
+        "CAM only": Objective(None, d.target_size, d.target_flip)}
+    if args.breakdown:
+        objectives["+ projector"] = ProjectorOnly(d.target_size, d.target_flip, align=False)
+        objectives["+ source maps aligned"] = ProjectorOnly(d.target_size, d.target_flip, align=True)
+    objectives["CAM + PPC"] = with_ppc
     times = interleaved_steps(objectives, model, opt, next_batch, args.steps, args.warmup,
                               torch.device("cpu"))
     return times, cfg.train.batch_size
@@ -157,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--preset", action="store_true",
                       help="the default preset's whole step (its data loader and AdamW; CPU)")
+    mode.add_argument("--breakdown", action="store_true",
+                      help="--preset with two intermediate settings: + the projector, + the "
+                           "source maps aligned (then + the loss = CAM + PPC)")
     mode.add_argument("--loop", action="store_true",
                       help="the real training loop at the default preset (CPU; --steps steps "
                            f"after as many warm-up steps, {_LOOP_RUNS} runs of each setting)")
@@ -174,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch = _preset().train.batch_size
         print(f"training loop, default preset (cpu), {args.threads} threads, "
               f"medians of {_LOOP_RUNS} runs")
-    elif args.preset:
+    elif args.preset or args.breakdown:
         runs, batch = preset_steps(args)
         print(f"default preset's step (data loader, AdamW; cpu), {args.threads} threads")
     else:

@@ -423,23 +423,23 @@ def _hard_pixel_weights(
     n = y.shape[0]
     # Both rankings (random noise, similarity) in one stable sort of int64 keys (radix: ~10x
     # faster than float keys on CPU): ranking r of class c is block r * C + c, in the high bits,
-    # so that every block is ranked at once. pos: each key's position in the sorted list.
-    block = torch.cat([y, y + counts.shape[0]])
+    # so that every block is ranked at once. pos: each key's position in the sorted list, row 0
+    # the noise keys, row 1 the similarity keys.
+    block = y + _constant(((0,), (counts.shape[0],)), torch.int64, y.device)  # (2, n)
     noise = torch.rand(n, generator=generator, device="cpu").to(y.device)
-    keys = torch.add(_ordered_int(torch.cat([noise, similarity])), block, alpha=1 << 33)
+    keys = torch.add(_ordered_int(torch.cat([noise, similarity])), block.view(-1), alpha=1 << 33)
     pos = torch.zeros_like(keys).scatter_add_(0, keys.argsort(stable=True),
-                                              _arange(2 * n, y.device))
-    # Per class, where the kept positions end: the random share of the noise block, the window
-    # of the similarity block (its start minus 1: both of its tests are strict). floor(ratio * n)
-    # in float64 (float32 floors 0.65 * 180 to 116); .long() truncates, which is the floor of
-    # these non-negative products.
+                                              _arange(2 * n, y.device)).view(2, n)
+    # Per class, the open interval of positions kept in each row: the random share at the start
+    # of its noise block; [floor(lo * n), floor(hi * n)) of its similarity block (the similarity
+    # keys come after all n noise keys). floor(ratio * n) in float64 (float32 floors 0.65 * 180
+    # to 116); .long() truncates, which is the floor of these non-negative products.
     sampled = counts if eligible is None else counts * eligible
-    ratios = _constant(((random_ratio,), (rank_lo,), (rank_hi,)), torch.float64, y.device)
-    blocks = _constant(((0,), (n - 1,), (n,)), torch.int64, y.device)  # similarity keys: from n
-    ends = (ratios * sampled).long() + (counts.cumsum(0) - counts + blocks)
-    share_end, lo, hi = ends.gather(1, y.expand(3, -1))
-    sim_pos = pos[n:]
-    return (pos[:n] < share_end).to(similarity.dtype) + ((sim_pos > lo) & (sim_pos < hi))
+    ratios = _constant(((random_ratio,), (rank_hi,), (0.0,), (rank_lo,)), torch.float64, y.device)
+    offsets = _constant(((0,), (n,), (-1,), (n - 1,)), torch.int64, y.device)
+    bounds = (ratios * sampled).long() + (counts.cumsum(0) - counts + offsets)
+    upper, lower = bounds.gather(1, y.expand(4, -1)).view(2, 2, n)
+    return ((pos < upper) & (pos > lower)).sum(dim=0, dtype=similarity.dtype)
 
 
 def _ordered_int(x: Tensor) -> Tensor:

@@ -1,6 +1,10 @@
 import argparse
 
-from benchmarks.bench_train import _BLOCK, added_interval, synthetic_steps
+import pytest
+import torch
+
+from benchmarks.bench_train import _BLOCK, ProjectorOnly, added_interval, synthetic_steps
+from ppc_core.models import build_model
 
 
 def test_both_settings_get_the_same_number_of_timed_steps():
@@ -24,3 +28,15 @@ def test_added_interval_resamples_paired_blocks():
     lo, hi = added_interval(base, other, _BLOCK)
     assert 0.0 <= lo < hi <= 0.1 + 1e-9
     assert (lo, hi) == added_interval(base, other, _BLOCK)  # seeded
+
+
+@pytest.mark.parametrize("align", [False, True])
+def test_projector_only_steps_train_the_projector_but_add_no_ppc_term(align):
+    torch.manual_seed(0)
+    model = build_model("cnn4", 3)
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    terms = ProjectorOnly(16, False, align)(model, torch.randn(2, 3, 32, 32), labels)
+    assert set(terms) == {"cls", "proj"} and terms["proj"].abs() < 1e-3
+    sum(terms.values()).backward()
+    assert model.projector.weight.grad.abs().sum() > 0
+    assert model.cam_head.weight.grad.abs().sum() > 0

@@ -118,7 +118,7 @@ def synthetic_steps(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def _preset(overrides: Sequence[str] = ()):  # noqa: ANN202 - experiments.config.RunConfig
-    from sweeps.objective import compose_config
+    from experiments.config import compose_config
 
     return compose_config("digits", list(overrides))
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from ppc_core.losses.ppc import PPCConfig
@@ -156,15 +158,6 @@ class TrackConfig:
 
 
 @dataclass
-class TrialConfig:
-    """Set by `ppc-sweep` when a trial runs as its own (possibly multi-process) program."""
-
-    storage: str = ""
-    study: str = ""
-    number: int = -1
-
-
-@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -174,7 +167,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
-    trial: TrialConfig = field(default_factory=TrialConfig)
 
 
 def _one_of(name: str, value, allowed: tuple) -> None:
@@ -222,3 +214,14 @@ def register_configs() -> None:
 
 
 register_configs()  # importing the schema makes `run_schema` composable (Hydra, sweeps, tests)
+
+
+def compose_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The `ppc-train` config with `preset` and `overrides`, composed by Hydra and validated:
+    what the command line `ppc-train preset=... *overrides` would run (sweeps, benchmarks and
+    tests compose through here)."""
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_module("experiments.conf", version_base=None):
+        cfg = compose("config", overrides=[f"preset={preset}", *overrides])
+    return to_run_config(cfg)

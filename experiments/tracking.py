@@ -15,8 +15,8 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from experiments.config import RunConfig
+from ppc_core.checkpoint import latest_checkpoint
 from ppc_core.evaluate import EvalResult
-from ppc_core.train import latest_checkpoint
 from ppc_core.viz import overlay_grid, save_png
 
 _LIBRARIES = ("torch", "torchvision", "accelerate", "optuna", "wandb", "hydra-core", "numpy")

@@ -1,4 +1,5 @@
-"""`ppc-train`: the training entry point (Hydra), and `run()` for sweeps calling it in-process.
+"""`ppc-train`: the training entry point (Hydra), and `run(cfg, reporter)` for programs that
+train a composed config (sweeps, benchmarks, tests).
 
 The config enters here, is validated once (`to_run_config`), and only plain values go below.
 """
@@ -117,13 +118,7 @@ def _summarise(result: TrainResult) -> dict:
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    run_cfg = to_run_config(cfg)
-    reporter = None
-    if run_cfg.trial.storage:
-        from sweeps.trial_reporter import make_reporter  # a trial launched by ppc-sweep
-
-        reporter = make_reporter(run_cfg.trial.storage, run_cfg.trial.study, run_cfg.trial.number)
-    metrics = run(run_cfg, reporter)
+    metrics = run(to_run_config(cfg))
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "last_logs")},
                      indent=2))
 

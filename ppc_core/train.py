@@ -7,7 +7,6 @@ would.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ppc_core.checkpoint import latest_checkpoint, save_checkpoint
 from ppc_core.data.sampler import StepBatchSampler
 from ppc_core.objective import Objective
 from ppc_core.schedules import poly_lr, ppc_ramp
@@ -71,29 +71,6 @@ class _Progress:
         self.step, self.history = state["step"], state["history"]
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = sorted(p for p in Path(output_dir, "checkpoints").glob("step_*")
-                   if not p.name.endswith(".tmp"))  # a save cut short by a kill
-    return ckpts[-1] if ckpts else None
-
-
-def _save(accelerator: Accelerator, output_dir: Path, step: int, keep: int = 2) -> Path:
-    # Write beside, then rename: a run killed mid-save never leaves a half checkpoint as latest.
-    final = output_dir / "checkpoints" / f"step_{step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)  # every rank writes its RNG state here
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(final.parent.glob("step_*"))[:-keep]:
-            if not old.name.endswith(".tmp"):
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def train(
     accelerator: Accelerator,
     model: nn.Module,
@@ -140,7 +117,7 @@ def train(
                 loss = sum(terms.values())
                 total = accelerator.reduce(loss.detach(), "mean")
                 if not torch.isfinite(total):
-                    path = _save(accelerator, output_dir, step)
+                    path = save_checkpoint(accelerator, output_dir, step)
                     values = {k: float(v.detach()) for k, v in terms.items()}
                     raise NonFiniteLoss(f"non-finite loss at step {step}: {values}; "
                                         f"state before the step saved to {path}")
@@ -176,7 +153,7 @@ def train(
             stop = decision[1]
             model.train()
         if step % s.checkpoint_every == 0 or step == s.steps or stop:
-            _save(accelerator, output_dir, step)
+            save_checkpoint(accelerator, output_dir, step)
     bar.close()
     last = progress.history[-1] if progress.history else {}
     return TrainResult(step=progress.step, metrics=last, history=list(progress.history),

@@ -27,27 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 
-from experiments.config import RunConfig, register_configs, to_run_config
-from ppc_core.train import latest_checkpoint
+from experiments.config import RunConfig, compose_config
+from ppc_core.checkpoint import latest_checkpoint
 from sweeps.space import format_value
 from sweeps.storage import retried_from
 from sweeps.study import METRIC, Recipe
 from sweeps.trial_reporter import STEP_OFFSET_ENV, report_to
 
 LAUNCHERS = ("inprocess", "torchrun", "accelerate")
-
-
-def compose_config(preset: str, overrides: list[str]) -> RunConfig:
-    """The training entry point's config with `preset` and `overrides`, validated."""
-    register_configs()
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_module("experiments.conf", version_base=None):
-        cfg = compose("config", overrides=[f"preset={preset}", *overrides])
-    return to_run_config(cfg)
 
 
 @dataclass
@@ -104,7 +92,6 @@ class TrialRunner:
                 f"track.group={format_value(self.study_name)}",
                 f"track.run_name=trial-{trial.number}-seed-{seed}",
                 f"track.tags=[sweep,trial-{trial.number}]",
-                f"trial.study={format_value(self.study_name)}", f"trial.number={trial.number}",
             ]
             cfg = compose_config(self.recipe.preset, overrides)
             offset = i * cfg.train.steps
@@ -142,7 +129,7 @@ class TrialRunner:
     def _inprocess(self, cfg: RunConfig, trial: optuna.Trial, offset: int) -> dict:
         return self._train(cfg, self._reporter(trial, offset))
 
-    def command(self, overrides: list[str]) -> list[str]:
+    def command(self, overrides: list[str], number: int) -> list[str]:
         n = str(self.num_processes)
         if self.launcher == "torchrun":
             head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -150,8 +137,9 @@ class TrialRunner:
         else:
             head = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                     "--num_processes", n, "--main_process_port", str(_free_port())]
-        return [*head, "-m", "experiments.train", f"preset={self.recipe.preset}", *overrides,
-                f"trial.storage={format_value(self.storage_url)}"]
+        return [*head, "-m", "sweeps.trial_main", "--storage", self.storage_url,
+                "--study", self.study_name, "--number", str(number),
+                "--preset", self.recipe.preset, "--", *overrides]
 
     def _subprocess(self, overrides: list[str], run_dir: Path, trial: optuna.Trial,
                     offset: int) -> dict:
@@ -161,7 +149,7 @@ class TrialRunner:
         env.setdefault("OMP_NUM_THREADS", "1")  # one thread per CPU rank, or ranks fight
         log = run_dir / "launcher.log"
         with open(log, "ab") as sink:
-            proc = subprocess.Popen(self.command(overrides), stdout=sink,
+            proc = subprocess.Popen(self.command(overrides, trial.number), stdout=sink,
                                     stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
             try:
                 rc = proc.wait()

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from ppc_core.train import latest_checkpoint  # noqa: E402
+from ppc_core.checkpoint import latest_checkpoint  # noqa: E402
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -300,8 +300,7 @@ def config_fields() -> dict[str, type | str]:
     return out
 
 
-_SWEEP_OWNED = {"train.output_dir", "train.seed", "trial.storage", "trial.study", "trial.number",
-                "track.group", "track.run_name"}
+_SWEEP_OWNED = {"train.output_dir", "train.seed", "track.group", "track.run_name"}
 
 
 def _check_field(where: str, at: str, name: str, value: Any) -> None:

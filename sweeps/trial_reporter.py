@@ -1,7 +1,7 @@
 """The reporter of a trial that runs as its own (possibly multi-process) program.
 
-`ppc-sweep run --launcher torchrun` starts `experiments.train` with `trial.storage/study/number`;
-its Hydra entry point calls `make_reporter` on every rank, but the training loop calls the
+`ppc-sweep run --launcher torchrun` starts `sweeps.trial_main` with the trial's storage, study and
+number; it calls `make_reporter` on every rank, but the training loop calls the
 reporter on the main process only and broadcasts the decision, so the study is opened lazily
 on the first call (rank 0) and never from the other ranks.
 """

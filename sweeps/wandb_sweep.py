@@ -115,8 +115,8 @@ def run_local(config: dict, n_runs: int, root: str | Path) -> list[dict]:
     engine = load_engine()
     if engine is None:
         raise RuntimeError(ENGINE_MISSING)
+    from experiments.config import compose_config
     from experiments.train import run
-    from sweeps.objective import compose_config
     from sweeps.space import format_value
 
     runs: list = []

@@ -10,19 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from hydra import compose, initialize_config_module
 
-from experiments.config import to_run_config
+from experiments.config import compose_config
 from experiments.train import run
+from ppc_core.checkpoint import latest_checkpoint
 from ppc_core.data import build_dataset
 from ppc_core.models import build_model
-from ppc_core.train import NonFiniteLoss, Schedule, latest_checkpoint, train
+from ppc_core.train import NonFiniteLoss, Schedule, train
 from tests.conftest import tiny_overrides
 
 
 def _cfg(*overrides: str):
-    with initialize_config_module("experiments.conf", version_base=None):
-        return to_run_config(compose("config", overrides=list(overrides)))
+    return compose_config("digits", overrides)
 
 
 def test_short_fixed_seed_run_is_pinned(tmp_path):

@@ -6,7 +6,7 @@ import optuna
 import pytest
 import yaml
 
-from sweeps.objective import compose_config
+from experiments.config import compose_config
 from sweeps.space import SpaceError, format_value, load_space, parse_space
 
 

@@ -335,7 +335,7 @@ def test_wandb_lives_in_the_run_folders():
         for vol in svc.get("volumes", []):
             assert ":/wandb" not in str(vol), name
     readme = (DOCKER / "README.md").read_text()
-    assert "/wandb/" not in readme and "WANDB_DIR" not in readme
+    assert "/wandb/wandb" not in readme and ":/wandb" not in readme and "WANDB_DIR" not in readme
     assert "WANDB_MODE: ${WANDB_MODE:-offline}" not in COMPOSE.read_text(), "the user's to set"
 
 

@@ -27,10 +27,12 @@ postgres-bin:
 # The image tests (tests/docker/test_image.py) need a container engine and, where the base
 # image cannot be pulled, debootstrap for a stand-in: Debian's podman, when we may install it.
 container-bin:
-	@{ command -v podman >/dev/null && command -v debootstrap >/dev/null; } || \
+	@{ command -v podman && command -v debootstrap && [ -e /usr/lib/cni/dnsname ] && \
+	   [ -e /usr/libexec/podman/catatonit ]; } >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    podman runc containernetworking-plugins iptables debootstrap >/dev/null) || \
+	    podman runc catatonit containernetworking-plugins \
+	    golang-github-containernetworking-plugin-dnsname iptables debootstrap >/dev/null) || \
 	    echo "no podman/debootstrap: the image tests will be skipped"; }
 
 lint: $(STAMP)

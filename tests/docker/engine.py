@@ -125,13 +125,19 @@ class Podman:
         if index:
             extra += ["--build-arg", f"TORCH_INDEX_URL={index}"]
         ca = machine_ca_bundle()
-        if ca:  # pip inside the build trusts what pip here trusts; nothing reaches a layer
-            conf = self.root / "build-pip.conf"
-            conf.write_text("[global]\ncert = /etc/ssl/certs/ppc-build-ca.crt\n")
-            extra += ["-v", f"{ca}:/etc/ssl/certs/ppc-build-ca.crt:ro",
-                      "-v", f"{conf}:/etc/pip.conf:ro"]
+        if ca:
+            # pip in the build trusts what pip here trusts: a folder with this machine's bundle
+            # and a pip.conf naming it is mounted as root's HOME for each RUN. /root exists in
+            # every base, so the mount leaves no trace in a layer (a new mount point would leave
+            # an empty file), and no ENV or ARG of the Dockerfile is involved.
+            home = self.root / "build-home"
+            (home / ".config" / "pip").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ca, home / ".config" / "pip" / "ca.crt")
+            (home / ".config" / "pip" / "pip.conf").write_text(
+                "[global]\ncert = /root/.config/pip/ca.crt\n")
+            extra += ["-v", f"{home}:/root"]
         start = time.monotonic()
-        self("build", "--layers", "-f", str(dockerfile), "-t", tag, *extra,
+        self("build", "--layers", "--format", "docker", "-f", str(dockerfile), "-t", tag, *extra,
              *[a for arg in build_args for a in ("--build-arg", arg)], str(REPO), timeout=3000)
         return time.monotonic() - start
 

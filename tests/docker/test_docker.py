@@ -463,8 +463,10 @@ def compose_cli(env: dict[str, str]) -> list[str] | None:
     candidates = []
     if shutil.which("docker", path=env.get("PATH")):
         candidates.append([shutil.which("docker", path=env.get("PATH")), "compose"])
+    # the venv's bin too: `make test` runs pytest from .venv without putting it on PATH
+    path = os.pathsep.join(filter(None, [env.get("PATH"), str(Path(sys.executable).parent)]))
     for tool in ("docker-compose", "podman-compose"):
-        if found := shutil.which(tool, path=env.get("PATH")):
+        if found := shutil.which(tool, path=path):
             candidates.append([found])
     for argv in candidates:
         probe = subprocess.run([*argv, "version"], capture_output=True, env=env, timeout=60)

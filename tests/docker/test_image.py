@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.docker.engine import REPO, Podman, unavailable
+from tests.docker.conftest import CPU_DOCKERFILE as DOCKERFILE
+from tests.docker.engine import REPO, Podman
 from tests.experiments.test_tracking import wandb_records
 
-DOCKERFILE = REPO / "docker" / "Dockerfile.cpu"
 README = REPO / "docker" / "README.md"
 IMAGE = "ppc-sweeps:cpu"
 UID, GID = 1234, 100  # GID 100 ("users") already exists in the base image
@@ -50,33 +50,15 @@ def test_readme_shows_the_commands_the_image_test_runs():
         assert f"-v ppc-runs:/runs {run}" in readme, run
 
 
-@pytest.fixture(scope="module")
-def podman() -> Podman:
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    engine = Podman()
-    info = engine("info", check=False, timeout=120)
-    if info.returncode != 0:
-        pytest.skip(f"podman cannot run here: {info.stderr.strip().splitlines()[-1:]}")
-    return engine
-
-
-@pytest.fixture(scope="module")
-def image(podman: Podman) -> str:
-    seconds = podman.build(DOCKERFILE, IMAGE)
-    print(f"\nbuild {DOCKERFILE.name}: {seconds:.0f} s")
-    return IMAGE
-
-
 def _layers(podman: Podman, tag: str) -> list[str]:
     return json.loads(podman("image", "inspect", "--format", "{{json .RootFS.Layers}}", tag).stdout)
 
 
 @pytest.mark.slow
-def test_other_ids_reuse_the_dependency_layer(podman: Podman, image: str):
+def test_other_ids_reuse_the_dependency_layer(podman: Podman, cpu_image: str):
     """PPC_UID/PPC_GID of the host user, here an existing GID: builds, and shares every layer
     but the last ones (source and user) with the default image, so it takes seconds."""
+    image = cpu_image
     tag = f"{IMAGE}-{UID}-{GID}"
     seconds = podman.build(DOCKERFILE, tag, f"PPC_UID={UID}", f"PPC_GID={GID}")
     print(f"\nrebuild with PPC_UID={UID} PPC_GID={GID}: {seconds:.0f} s")
@@ -87,7 +69,19 @@ def test_other_ids_reuse_the_dependency_layer(podman: Podman, image: str):
 
 
 @pytest.mark.slow
-def test_image_trains_and_sweeps_on_a_volume(podman: Podman, image: str):
+def test_nothing_of_this_machine_enters_the_image(podman: Podman, cpu_image: str):
+    """The build-time CA mount (root's HOME) leaves no pip configuration or CA in the image."""
+    image = cpu_image
+    script = ("test ! -e /root/.config/pip && test ! -e /etc/pip.conf && "
+              "test ! -e /etc/xdg/pip && ! find / -xdev -name ca.crt | grep -q .")
+    podman("run", "--rm", "--user", "0", "--entrypoint", "sh", image, "-c", script)
+    history = podman("history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
+    assert "ca.crt" not in history and "pip.conf" not in history
+
+
+@pytest.mark.slow
+def test_image_trains_and_sweeps_on_a_volume(podman: Podman, cpu_image: str):
+    image = cpu_image
     volume = f"ppc-runs-test-{uuid.uuid4().hex[:8]}"
     podman("volume", "create", volume)
     try:

@@ -95,7 +95,7 @@ def test_compose_up_runs_a_study_to_completion(podman: Podman, cpu_image: str, t
         stack.wait_healthy("postgres")
         stack("up", "-d", "--no-build", "create-study")
         assert stack.exit_code("create-study") == 0
-        stack("up", "-d", "--no-build", "worker")
+        stack("up", "-d", "--no-build", "--no-deps", "worker")
         assert stack.exit_code("worker") == 0, podman("logs", stack.container("worker")).stderr
         url = f"postgresql+psycopg://ppc:{password}@postgres:5432/optuna"
         status = stack("run", "--rm", "--no-deps", "worker", "status", "--study",
@@ -106,7 +106,7 @@ def test_compose_up_runs_a_study_to_completion(podman: Podman, cpu_image: str, t
             "logs", stack.container(s)).stderr for s in ("create-study", "worker"))
         assert password not in logs and "ppc:***@postgres" in logs, logs[-2000:]
 
-        stack("up", "-d", "--no-build", "dashboard")
+        stack("up", "-d", "--no-build", "--no-deps", "dashboard")
         stack.wait_healthy("dashboard", timeout=120)
         start = time.monotonic()
         podman("stop", "-t", "10", stack.container("dashboard"))

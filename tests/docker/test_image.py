@@ -124,5 +124,5 @@ def _check_volume(mount: Path, uid: int) -> None:
             _check_artifact(seed_dir)
     assert list(mount.glob("smoke/report/wandb/offline-run-*/run-*.wandb"))
     assert (mount / "smoke" / "report" / "report.md").is_file()
-    wrong = [p for p in mount.rglob("*") if p.stat().st_uid != uid]
+    wrong = [p for p in mount.rglob("*") if p.lstat().st_uid != uid]
     assert wrong == [], f"not owned by the image's user {uid}: {wrong[:5]}"

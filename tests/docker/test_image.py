@@ -65,6 +65,7 @@ def test_other_ids_reuse_the_dependency_layer(podman: Podman, cpu_image: str):
     default, other = _layers(podman, image), _layers(podman, tag)
     assert len(default) == len(other) and default[:-1] == other[:-1]
     user = podman("run", "--rm", "--entrypoint", "id", tag).stdout.split()
+    podman("rmi", tag, check=False)
     assert user[:2] == [f"uid={UID}(ppc)", f"gid={GID}(users)"], user
 
 

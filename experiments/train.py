@@ -7,7 +7,6 @@ The config enters here, is validated once (`to_run_config`), and only plain valu
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import hydra
@@ -58,7 +57,6 @@ def build_training(
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
     """Train and evaluate one configuration; returns the final metrics (also in metrics.json)."""
-    os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(cfg.train.output_dir)
     t = cfg.train
     accelerator = Accelerator(

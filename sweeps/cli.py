@@ -121,6 +121,17 @@ def _url(args) -> str:
     return args.storage or default_url(args.root, args.study)
 
 
+def shown(url: str) -> str:
+    """`url` for printing: a password in it becomes *** (logs are shared more than secrets)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def _recipe(args, overrides: list[str]) -> Recipe:
     space = load_space(args.space)  # every space error surfaces here, before any trial
     return Recipe(space=space.to_dict(), sampler=args.sampler, pruner=args.pruner,
@@ -233,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args, overrides)
     except (SpaceError, ValueError) as err:
-        print(f"ppc-sweep {args.command}: error: {err}", file=sys.stderr)
+        url = _url(args)
+        print(f"ppc-sweep {args.command}: error: {str(err).replace(url, shown(url))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: the running trial was recorded FAIL (its checkpoints stay); "
@@ -246,7 +259,7 @@ def _dispatch(args, overrides: list[str]) -> int:
     cmd = args.command
     if cmd == "create":
         create(args.study, url, _recipe(args, overrides), exist_ok=args.exist_ok)
-        print(f"created study {args.study} in {url}")
+        print(f"created study {args.study} in {shown(url)}")
         return 0
     if cmd == "run":
         recipe = _recipe(args, overrides)  # a bad space fails here, before any storage I/O
@@ -315,7 +328,7 @@ def _demo(args, overrides: list[str], url: str) -> int:
     recipe = _recipe(args, overrides)
     study = create(args.study, url, recipe, exist_ok=True)
     target = _finished(study) + args.n_trials
-    print(f"demo: study {args.study} in {url}; up to {args.n_trials} trials in "
+    print(f"demo: study {args.study} in {shown(url)}; up to {args.n_trials} trials in "
           f"{args.budget:.0f} s (digits, CPU)")
     run_worker(args.study, url, args.root, target, launcher="inprocess",
                heartbeat=args.heartbeat, grace=args.grace,

@@ -2,7 +2,8 @@
 tracker) with `track.group=<study>` and `track.run_name=trial-<n>-seed-<s>`; its config holds the
 sampled values under their dotted names and `trial.number`. This module adds one study-level
 summary run to the same group: best value and parameters, importances, the trial table and the
-report's plots. Offline unless WANDB_MODE says otherwise.
+report's plots. Its W&B project is the trials' (`track.project` of the study's overrides) and
+its mode is chosen as the trials' is (`experiments.tracking.wandb_mode`).
 """
 
 from __future__ import annotations
@@ -12,23 +13,43 @@ from pathlib import Path
 
 import optuna
 
+from experiments.config import TrackConfig
+from experiments.tracking import announce_wandb_mode, wandb_mode
 from sweeps.report import best_trials, importances, trial_rows
+from sweeps.study import _RECIPE_KEY
 
 
-def log_study_summary(study: optuna.Study, report_dir: str | Path, project: str = "ppc",
+def study_project(study: optuna.Study) -> str:
+    """The W&B project the study's trials log to: the last `track.project=` among the study's
+    stored overrides, else the training default."""
+    project = TrackConfig().project
+    for override in study.user_attrs.get(_RECIPE_KEY, {}).get("overrides", []):
+        key, _, value = override.lstrip("+").partition("=")
+        if key == "track.project" and value:
+            project = value.strip("'\"")
+    return project
+
+
+def log_study_summary(study: optuna.Study, report_dir: str | Path, project: str | None = None,
                       ) -> Path | None:
-    """Log the study summary run into `report_dir/wandb`; returns the run's directory."""
-    os.environ.setdefault("WANDB_MODE", "offline")
+    """Log the study summary run into `report_dir/wandb` (project: `study_project` unless
+    given); returns the run's directory."""
     import wandb
 
     report_dir = Path(report_dir)
+    project = project or study_project(study)
+    announce_wandb_mode(report_dir / "wandb")
     best = best_trials(study)
     imps, _ = importances(study)
     config = {"study": study.study_name, "directions": [d.name for d in study.directions],
               **study.user_attrs}
+    # W&B stages the trial table's files in WANDB_DATA_DIR ($HOME by default): keep them in
+    # the report folder, which is what gets copied and synced.
+    data_dir = os.environ.get("WANDB_DATA_DIR")
+    os.environ["WANDB_DATA_DIR"] = data_dir or str((report_dir / "wandb" / "data").resolve())
     run = wandb.init(project=project, group=study.study_name, name=f"{study.study_name}-summary",
                      job_type="sweep-summary", dir=str(report_dir), config=config,
-                     tags=["sweep-summary"], reinit="finish_previous")
+                     tags=["sweep-summary"], reinit="finish_previous", mode=wandb_mode()[0])
     try:
         if best:
             run.summary["best/trial"] = best[0].number
@@ -42,3 +63,5 @@ def log_study_summary(study: optuna.Study, report_dir: str | Path, project: str 
         return Path(run.dir).parent
     finally:
         run.finish()
+        if data_dir is None:
+            os.environ.pop("WANDB_DATA_DIR", None)

@@ -189,17 +189,55 @@ def test_dockerfile_layout(dockerfile: Path):
             for cmd in re.findall(r"pip install[^&;|]*", a):
                 assert "--no-cache-dir" in cmd, cmd
 
+    for k, a in ins:
+        if k == "RUN":
+            for cmd in re.findall(r"pip install[^&;|]*", a):
+                assert "-c constraints.txt" in cmd, f"not the tested set: {cmd}"
+
     users = [a for k, a in ins if k == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}, users
     assert "WORKDIR" in kinds
     assert "HEALTHCHECK" in kinds, "state HEALTHCHECK NONE when there is nothing to probe"
-    assert re.search(r"^ENV\b.*\bWANDB_MODE=offline\b", text, re.MULTILINE | re.DOTALL)
+    # WANDB_MODE is the user's (online with credentials, offline without), never the image's
+    assert not re.search(r"\bWANDB_MODE=", text), "the image sets WANDB_MODE"
+    assert "WANDB_DIR" not in text and "/wandb" not in text, "W&B runs live in the run folders"
     assert re.search(r"\bPYTHONUNBUFFERED=1\b", text)
     assert re.search(r"\bpython3? -m venv\b", text)
 
     entrypoint = json.loads(next(a for k, a in ins if k == "ENTRYPOINT"))
     assert entrypoint[0] in console_scripts(), entrypoint
     assert json.loads(next(a for k, a in ins if k == "CMD")) == ["--help"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_runtime_user_comes_after_the_dependencies(dockerfile: Path):
+    """Another PPC_UID/PPC_GID rebuilds only the user layer, not the 6 GB of dependencies."""
+    ins = dockerfile_instructions(dockerfile)
+    source_copy = next(i for i, (k, a) in enumerate(ins) if k == "COPY" and a.split()[0] == ".")
+    user_args = [i for i, (k, a) in enumerate(ins) if k == "ARG" and a.startswith(("PPC_UID",
+                                                                                   "PPC_GID"))]
+    useradd = next(i for i, (k, a) in enumerate(ins) if k == "RUN" and "useradd" in a)
+    assert user_args and min(user_args) > source_copy and useradd > source_copy
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_existing_group_and_user_ids_are_accepted(dockerfile: Path):
+    """GID 100 (users), 20 (macOS staff) or 0 exist in the base: reuse the group, and let the
+    user share an existing UID, instead of failing in groupadd/useradd."""
+    run = next(a for k, a in dockerfile_instructions(dockerfile) if k == "RUN" and "useradd" in a)
+    assert re.search(r'getent group "\$\{PPC_GID\}"[^|]*\|\|\s*groupadd', run), run
+    assert "--non-unique" in run and '--gid "${PPC_GID}"' in run, run
+    assert "chown ppc:ppc" not in run, "a reused group is not called ppc"
+
+
+def test_both_images_share_everything_after_the_base():
+    """The CUDA image gets every fix of the CPU image: identical from WORKDIR on."""
+    tails = []
+    for name in ("Dockerfile", "Dockerfile.cpu"):
+        ins = dockerfile_instructions(DOCKER / name)
+        start = next(i for i, (k, _) in enumerate(ins) if k == "WORKDIR")
+        tails.append(ins[start:])
+    assert tails[0] == tails[1]
 
 
 def _image_base_and_args(path: Path) -> tuple[list[tuple[str, str]], str, dict[str, str]]:
@@ -213,8 +251,8 @@ def test_cuda_image_matches_torch_build():
     _, base, args = _image_base_and_args(DOCKER / "Dockerfile")
     assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-(cudnn-)?runtime-ubuntu24\.04", base), base
     assert args["TORCH_INDEX_URL"].rstrip("/").endswith("/cu130")
-    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert any(re.fullmatch(r"torch==2\.14\.\d+", p.strip()) for p in pins), pins
+    pins = (REPO / "constraints.txt").read_text().splitlines()
+    assert any(re.fullmatch(r"torch==2\.14\.\d+", p.strip()) for p in pins)
 
 
 def test_cpu_image_uses_cpu_wheels():
@@ -282,10 +320,47 @@ def test_worker_service(name: str):
     assert storage.startswith("postgresql") and "@postgres:" in storage, storage
     mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
     declared = load_compose().get("volumes") or {}
-    for target in ("/runs", "/wandb"):
-        assert mounts.get(target) in declared, f"{name}: {target} is not a shared named volume"
+    assert mounts.get("/runs") in declared, f"{name}: /runs is not a shared named volume"
     env = svc["environment"]
     assert is_env_reference(env["WANDB_API_KEY"]) and is_env_reference(env["WANDB_MODE"])
+
+
+def test_wandb_lives_in_the_run_folders():
+    """W&B writes each run into its own output folder (wandb.init(dir=...) wins over WANDB_DIR):
+    a WANDB_DIR or a `wandb` volume would promise a place where nothing lands."""
+    for path in (COMPOSE, *DOCKERFILES, *SBATCH):
+        assert "WANDB_DIR" not in path.read_text(), path.name
+    assert "wandb" not in (load_compose().get("volumes") or {})
+    for name, svc in services().items():
+        for vol in svc.get("volumes", []):
+            assert ":/wandb" not in str(vol), name
+    readme = (DOCKER / "README.md").read_text()
+    assert "/wandb/wandb" not in readme and ":/wandb" not in readme and "WANDB_DIR" not in readme
+    assert "WANDB_MODE: ${WANDB_MODE:-offline}" not in COMPOSE.read_text(), "the user's to set"
+
+
+def test_compose_builds_the_image_once():
+    """`up --build` must build one image, not one per ppc service (3 builds, dangling copies)."""
+    ours = {n: s for n, s in services().items() if "ppc-sweeps" in str(s.get("image", ""))}
+    builders = [n for n, s in ours.items() if "build" in s]
+    assert builders == ["create-study"], builders
+    assert len({s["image"] for s in ours.values()}) == 1
+    assert all(s.get("pull_policy") == "never" for n, s in ours.items() if "build" not in s)
+
+
+def test_long_running_services_have_an_init():
+    """optuna-dashboard as PID 1 ignores SIGTERM (docker stop: 10 s, exit 137)."""
+    for name, svc in services().items():
+        if "ppc-sweeps" in str(svc.get("image", "")) and str(svc.get("restart")) != "no":
+            assert svc.get("init") is True, name
+
+
+def test_health_checks_use_the_shell_form():
+    """The exec form (["CMD", ...]) breaks on podman's Docker API (podman issue 26519)."""
+    for name, svc in services().items():
+        if "healthcheck" in svc:
+            test = svc["healthcheck"]["test"]
+            assert isinstance(test, list) and test[0] == "CMD-SHELL" and len(test) == 2, name
 
 
 def test_one_gpu_per_default_worker_and_distinct_gpus():
@@ -381,42 +456,63 @@ def test_named_volumes_declared():
             assert source in declared, f"{name}: volume {source} not declared"
 
 
-def test_compose_config_if_plugin_available(tmp_path):
-    docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("docker CLI not installed")
-    probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip("docker compose plugin not installed")
-    env = {**os.environ, "POSTGRES_PASSWORD": "test-only", "DOCKER_CONFIG": str(tmp_path)}
+def compose_cli(env: dict[str, str]) -> list[str] | None:
+    """The argv prefix of a compose implementation that works with `env`, or None. The probe
+    and every later call must use the same environment: a per-user plugin lives in
+    $DOCKER_CONFIG/cli-plugins, so another DOCKER_CONFIG hides it."""
+    candidates = []
+    if shutil.which("docker", path=env.get("PATH")):
+        candidates.append([shutil.which("docker", path=env.get("PATH")), "compose"])
+    # the venv's bin too: `make test` runs pytest from .venv without putting it on PATH
+    path = os.pathsep.join(filter(None, [env.get("PATH"), str(Path(sys.executable).parent)]))
+    for tool in ("docker-compose", "podman-compose"):
+        if found := shutil.which(tool, path=path):
+            candidates.append([found])
+    for argv in candidates:
+        probe = subprocess.run([*argv, "version"], capture_output=True, env=env, timeout=60)
+        if probe.returncode == 0:
+            return argv
+    return None
+
+
+def test_compose_probe_and_run_share_one_environment(tmp_path):
+    """A compose plugin installed per user ($DOCKER_CONFIG/cli-plugins) is found and then run
+    with that same DOCKER_CONFIG (the probe once used one, the call another)."""
+    plugins = tmp_path / "docker-config" / "cli-plugins"
+    plugins.mkdir(parents=True)
+    fake_docker = tmp_path / "bin" / "docker"
+    fake_docker.parent.mkdir()
+    # a docker CLI that, like the real one, finds `compose` only in $DOCKER_CONFIG/cli-plugins
+    fake_docker.write_text('#!/bin/sh\nplugin="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins/docker-$1"\n'
+                           '[ -x "$plugin" ] || { echo "unknown command: $1" >&2; exit 1; }\n'
+                           'shift; exec "$plugin" "$@"\n')
+    (plugins / "docker-compose").write_text('#!/bin/sh\necho "compose $*"\n')
+    for f in (fake_docker, plugins / "docker-compose"):
+        f.chmod(0o755)
+    env = {"PATH": str(fake_docker.parent), "HOME": str(tmp_path),
+           "DOCKER_CONFIG": str(tmp_path / "docker-config")}
+    argv = compose_cli(env)
+    assert argv == [str(fake_docker), "compose"]
+    result = subprocess.run([*argv, "config", "-q"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "compose config -q"
+
+
+def test_compose_config_with_a_real_engine(tmp_path):
+    env = {**os.environ, "POSTGRES_PASSWORD": "test-only"}
+    argv = compose_cli(env)
+    if argv is None:
+        pytest.skip("no compose implementation (docker compose, docker-compose, podman-compose)")
     result = subprocess.run(
-        [
-            docker,
-            "compose",
-            "-f",
-            str(COMPOSE),
-            "--profile",
-            "multi-gpu",
-            "--profile",
-            "ddp",
-            "config",
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+        [*argv, "-f", str(COMPOSE), "--profile", "multi-gpu", "--profile", "ddp", "config"],
+        capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert {"postgres", "create-study", "worker", "worker-1", "worker-ddp", "dashboard"} <= set(
+        config["services"])
     env.pop("POSTGRES_PASSWORD")
-    result = subprocess.run(
-        [docker, "compose", "-f", str(COMPOSE), "config", "-q"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr
+    result = subprocess.run([*argv, "-f", str(COMPOSE), "config"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr + result.stdout
 
 
 # ----------------------------------------------------------------------------- Slurm and docs

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from experiments.config import RunConfig
+from experiments.config import RunConfig, run_identity
 from ppc_core.checkpoint import latest_checkpoint
 from ppc_core.evaluate import EvalResult
 from ppc_core.viz import overlay_grid, save_png
@@ -55,7 +55,7 @@ def provenance() -> dict:
 
 
 def start_tracking(accelerator: Accelerator, cfg: RunConfig) -> None:
-    config = {**_flatten(asdict(cfg)), **provenance()}
+    config = {**_flatten(asdict(cfg)), "run.identity": run_identity(cfg), **provenance()}
     out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

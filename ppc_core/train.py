@@ -217,23 +217,38 @@ def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
     return StepOutput(terms, total, lr, scale, images, stop)
 
 
-def _state_is_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+def _finite_everywhere(accelerator: Accelerator, model: nn.Module,
+                      optimizer: torch.optim.Optimizer) -> bool:
+    """Weights, buffers (BatchNorm statistics) and optimiser state finite on every rank. A
+    diverging run can keep a finite loss while its statistics are already inf."""
     tensors = [*model.parameters(), *model.buffers(),
                *(v for st in optimizer.state.values() for v in st.values()
                  if isinstance(v, Tensor))]
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    ok = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    return bool(accelerator.gather(torch.tensor([float(ok)], device=accelerator.device)).all())
+
+
+def _save(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+          run: RunDir, step: int) -> Path:
+    """Checkpoint the state after `step` steps; a state that is not finite is never saved: the
+    run stops, naming the last good checkpoint."""
+    if not _finite_everywhere(accelerator, model, optimizer):
+        last = latest_checkpoint(run.output_dir)
+        raise NonFiniteLoss(f"the state after step {step} is not finite (weights or BatchNorm "
+                            f"statistics diverged; the loss was finite); last good checkpoint: "
+                            f"{last}", step, {}, [], last)
+    return save_checkpoint(accelerator, run.output_dir, step, run.identity)
 
 
 def _fail(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
           run: RunDir, err: _StepFailed) -> NonFiniteLoss:
     """Save the state from before the failed step (when finite) and describe the failure."""
-    ok = torch.tensor(float(_state_is_finite(model, optimizer)), device=accelerator.device)
-    if bool(accelerator.gather(ok.view(1)).all()):
+    if _finite_everywhere(accelerator, model, optimizer):
         path = save_checkpoint(accelerator, run.output_dir, err.step, run.identity)
         saved = f"state before the step saved to {path}"
     else:  # the previous update already diverged: the last checkpoint is the last good state
         path = latest_checkpoint(run.output_dir)
-        saved = f"the weights before the step are not finite; last good checkpoint: {path}"
+        saved = f"the state before the step is not finite; last good checkpoint: {path}"
     where = f"rank {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
     ranks = f" on rank(s) {err.ranks}" if accelerator.num_processes > 1 else ""
     msg = f"{where}step {err.step} failed{ranks}: {err.why}; terms {err.terms}; {saved}"
@@ -277,6 +292,7 @@ def train(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Opt
           hooks: Hooks) -> TrainResult:
     """Train `model` for `schedule.steps` optimiser steps; log, evaluate, report, checkpoint."""
     s, c, out_dir = schedule, cadence, Path(run.output_dir)
+    run = RunDir(out_dir, run.identity, run.resume)
     progress = _Progress()
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(progress)
@@ -290,32 +306,30 @@ def train(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Opt
                disable=not accelerator.is_local_main_process)
     stop, images, tic, logs = False, 0, time.perf_counter(), {}
     model.train()
-    # Stopped by a signal at an evaluation step, a run resumes owing that evaluation.
-    if (progress.step and c.due(c.eval_every, progress.step, s.steps)
-            and (not progress.history or progress.history[-1]["step"] != progress.step)):
-        stop = _evaluate_and_decide(accelerator, model, hooks, progress, bar)
-    while progress.step < s.steps and not stop:
-        try:
-            out = train_step(accelerator, model, optimizer, objective, batches, s, progress.step,
-                             hooks.should_stop)
-        except _StepFailed as err:
-            bar.close()
-            raise _fail(accelerator, model, optimizer, run, err) from None
-        progress.step = step = progress.step + 1
-        bar.update(1)
-        images += out.images
-        if c.due(c.log_every, step, s.steps):
-            logs = _log(accelerator, out, step, time.perf_counter() - tic, images, bar)
-            images, tic = 0, time.perf_counter()
-        interrupted = out.stop is not None and step < s.steps  # at the end: just finish
-        if c.due(c.eval_every, step, s.steps) and not interrupted:  # owed on resume
+    with bar:
+        # Stopped by a signal at an evaluation step, a run resumes owing that evaluation.
+        if (progress.step and c.due(c.eval_every, progress.step, s.steps)
+                and (not progress.history or progress.history[-1]["step"] != progress.step)):
             stop = _evaluate_and_decide(accelerator, model, hooks, progress, bar)
-        if c.due(c.checkpoint_every, step, s.steps) or stop or interrupted:
-            path = save_checkpoint(accelerator, out_dir, step, run.identity)
-        if interrupted:
-            bar.close()
-            raise TrainingInterrupted(out.stop, step, path)
-    bar.close()
+        while progress.step < s.steps and not stop:
+            try:
+                out = train_step(accelerator, model, optimizer, objective, batches, s,
+                                 progress.step, hooks.should_stop)
+            except _StepFailed as err:
+                raise _fail(accelerator, model, optimizer, run, err) from None
+            progress.step = step = progress.step + 1
+            bar.update(1)
+            images += out.images
+            if c.due(c.log_every, step, s.steps):
+                logs = _log(accelerator, out, step, time.perf_counter() - tic, images, bar)
+                images, tic = 0, time.perf_counter()
+            interrupted = out.stop is not None and step < s.steps  # at the end: just finish
+            if c.due(c.eval_every, step, s.steps) and not interrupted:  # owed on resume
+                stop = _evaluate_and_decide(accelerator, model, hooks, progress, bar)
+            if c.due(c.checkpoint_every, step, s.steps) or stop or interrupted:
+                path = _save(accelerator, model, optimizer, run, step)
+            if interrupted:
+                raise TrainingInterrupted(out.stop, step, path)
     last = progress.history[-1] if progress.history else {}
     return TrainResult(step=progress.step, metrics=last, history=list(progress.history),
                        stopped_early=stop, last_logs=logs)

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from ppc_core.train import (
     train,
 )
 from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(*overrides: str):
@@ -77,28 +80,63 @@ def _train_cmd(out: Path, steps: int) -> list[str]:
             *tiny_overrides(out, f"train.steps={steps}", "eval.every=4", "train.checkpoint_every=4")]
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_metrics(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    steps = 12
-    subprocess.run(_train_cmd(tmp_path / "whole", steps), env=env, check=True,
-                   capture_output=True)
-    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+STEPS = 12
 
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(out, steps), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("whole")
+    subprocess.run(_train_cmd(out, STEPS), env=_env(), check=True, capture_output=True,
+                   cwd=out)  # Hydra's own record goes to ./runs/hydra
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _start_and_wait_for_a_checkpoint(out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(_train_cmd(out, STEPS), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=out.parent)
+    deadline = time.time() + 300
     while not (out / "checkpoints" / "step_00000004").exists() and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
+    return proc
 
-    subprocess.run(_train_cmd(out, steps), env=env, check=True, capture_output=True)
+
+def _resume_and_compare(out: Path, expected: dict) -> None:
+    proc = subprocess.run(_train_cmd(out, STEPS), env=_env(), check=True, capture_output=True,
+                          text=True, cwd=out.parent)
+    assert "resumed from" in proc.stdout
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["history"] == expected["history"]
     assert resumed["last_logs"]["loss/total"] == expected["last_logs"]["loss/total"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    proc = _start_and_wait_for_a_checkpoint(out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
+    _resume_and_compare(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_reached_and_resumes(tmp_path, uninterrupted):
+    out = tmp_path / "stopped"
+    proc = _start_and_wait_for_a_checkpoint(out)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    match = re.search(r"ppc-train: SIGTERM: stopped after step (\d+); checkpoint (\S+) ", err)
+    assert match, err[-3000:]
+    step, ckpt = int(match[1]), Path(match[2])
+    assert 4 < step < STEPS and ckpt == out / f"checkpoints/step_{step:08d}"
+    assert latest_checkpoint(out) == ckpt and not (out / "metrics.json").exists()
+    assert "Traceback" not in err
+    _resume_and_compare(out, uninterrupted)
 
 
 class _NaNImagesAtStep:

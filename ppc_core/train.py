@@ -158,21 +158,17 @@ def seed_micro_batch(seed: int, step: int, grad_accum: int, micro: int) -> torch
     return torch.Generator().manual_seed(seed * 7919 + step * grad_accum + micro)
 
 
-_OK, _NON_FINITE, _RAISED = 0, 1, 2
-
-
 def _agree(accelerator: Accelerator, loss: Tensor | None, stop: str | None
            ) -> tuple[float, list[int], bool]:
-    """One collective per micro-batch: every rank learns the mean loss, which ranks failed and
-    whether any rank was asked to stop, so all take the same branch."""
+    """One collective and one host read per micro-batch: every rank learns the mean loss, the
+    ranks whose loss is not finite (NaN stands for an error) and whether any rank was asked to
+    stop, so that all ranks take the same branch."""
     value = loss.detach().float() if loss is not None else torch.tensor(math.nan)
-    code = _RAISED if loss is None else _NON_FINITE if not torch.isfinite(value) else _OK
     local = torch.stack([value.to(accelerator.device),
-                         torch.tensor(float(code), device=accelerator.device),
                          torch.tensor(float(stop is not None), device=accelerator.device)])
-    rows = accelerator.gather(local).view(-1, 3).cpu()
-    failed = [r for r, c in enumerate(rows[:, 1].tolist()) if c != _OK]
-    return float(rows[:, 0].mean()), failed, bool(rows[:, 2].any())
+    rows = accelerator.gather(local).view(-1, 2).cpu()
+    failed = torch.nonzero(~torch.isfinite(rows[:, 0])).flatten().tolist()
+    return float(rows[:, 0].mean()), failed, bool(rows[:, 1].any())
 
 
 def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from experiments.config import compose_config
+from experiments.run_dir import StopSignals
 from experiments.train import run
 from ppc_core.checkpoint import latest_checkpoint, verify_checkpoint
 from ppc_core.data import build_dataset
@@ -212,3 +213,19 @@ def test_stop_request_checkpoints_the_step_and_resumes_exactly(tmp_path, stop_du
     assert err.value.checkpoint == tmp_path / f"cut/checkpoints/step_{stopped:08d}"
     resumed = _tiny_loop(tmp_path / "cut", objective, 6, evaluate=_weights, eval_every=2)
     assert resumed.history == whole.history and len(whole.history) == 3
+
+
+def test_stop_signals_ask_once_abort_twice_and_restore_the_handlers():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with StopSignals() as stop:
+        assert stop() is None
+        signal.raise_signal(signal.SIGTERM)
+        assert stop() == "SIGTERM"
+        with pytest.raises(SystemExit):
+            signal.raise_signal(signal.SIGTERM)
+    with StopSignals() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in previous} == previous

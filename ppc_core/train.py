@@ -11,6 +11,7 @@ by the caller) is honoured after the step in progress, with a checkpoint.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -158,17 +159,31 @@ def seed_micro_batch(seed: int, step: int, grad_accum: int, micro: int) -> torch
     return torch.Generator().manual_seed(seed * 7919 + step * grad_accum + micro)
 
 
+def _stop_code(stop: str | None) -> float:
+    if stop is None:
+        return 0.0
+    return float(signal.Signals[stop].value if stop in signal.Signals.__members__ else 1000)
+
+
+def _stop_name(code: int) -> str:
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return "stop requested"
+
+
 def _agree(accelerator: Accelerator, loss: Tensor | None, stop: str | None
-           ) -> tuple[float, list[int], bool]:
+           ) -> tuple[float, list[int], str | None]:
     """One collective and one host read per micro-batch: every rank learns the mean loss, the
-    ranks whose loss is not finite (NaN stands for an error) and whether any rank was asked to
-    stop, so that all ranks take the same branch."""
+    ranks whose loss is not finite (NaN stands for an error) and the stop request any rank
+    received, so that all ranks take the same branch."""
     value = loss.detach().float() if loss is not None else torch.tensor(math.nan)
     local = torch.stack([value.to(accelerator.device),
-                         torch.tensor(float(stop is not None), device=accelerator.device)])
+                         torch.tensor(_stop_code(stop), device=accelerator.device)])
     rows = accelerator.gather(local).view(-1, 2).cpu()
     failed = torch.nonzero(~torch.isfinite(rows[:, 0])).flatten().tolist()
-    return float(rows[:, 0].mean()), failed, bool(rows[:, 1].any())
+    code = int(rows[:, 1].max())
+    return float(rows[:, 0].mean()), failed, None if code == 0 else stop or _stop_name(code)
 
 
 def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -197,7 +212,7 @@ def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
                 # collective below, or the other ranks wait for it forever.
                 why = f"{type(err).__name__}: {err}"
             stop = stop or (should_stop() if should_stop else None)
-            total, failed, stop_any = _agree(accelerator, loss, stop)
+            total, failed, agreed = _agree(accelerator, loss, stop)
             if failed:
                 with torch.no_grad():
                     for b, old in zip(model.buffers(), before, strict=True):
@@ -209,7 +224,7 @@ def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
             optimizer.step()
             optimizer.zero_grad()
         images += x.shape[0] * accelerator.num_processes
-        stop = stop or ("stop requested" if stop_any else None)
+        stop = stop or agreed
     return StepOutput(terms, total, lr, scale, images, stop)
 
 

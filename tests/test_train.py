@@ -197,7 +197,7 @@ class _StopAt:
 
 
 def _weights(model) -> dict[str, float]:
-    return {"w": float(sum(p.double().sum() for p in model.parameters()))}
+    return {"w": float(sum(p.detach().double().sum() for p in model.parameters()))}
 
 
 @pytest.mark.parametrize("stop_during", [1, 3])  # stopped after step 2 (no eval), 4 (eval due)

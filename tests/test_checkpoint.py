@@ -106,3 +106,21 @@ def test_retention_deletes_only_this_identitys_checkpoints(acc, tmp_path):
         save_checkpoint(acc, tmp_path, s, {"run": "this"})
     assert [p.name for p in checkpoint_dirs(tmp_path)] == [
         "step_00000001", "step_00000004", "step_00000006"]
+
+
+def test_a_run_with_a_truncated_latest_checkpoint_resumes_from_the_previous(tmp_path, capsys):
+    from experiments.config import compose_config
+    from experiments.train import run
+    from tests.conftest import tiny_overrides
+
+    cfg = compose_config("digits", tiny_overrides(tmp_path / "run", "train.steps=4",
+                                                  "eval.every=2", "train.checkpoint_every=2"))
+    first = run(cfg)
+    bad = tmp_path / "run/checkpoints/step_00000004/model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:100])
+    again = run(cfg)
+    out = capsys.readouterr()
+    assert f"checkpoint {bad.parent} is unusable" in out.err
+    assert "resumed from" in out.out and "step_00000002 at step 2" in out.out
+    assert again["history"] == first["history"]
+    assert verify_checkpoint(bad.parent) is None  # step 4 saved again, intact

@@ -6,13 +6,15 @@ possible sweep dimension (`sweeps/spaces/*.yaml` name fields by their dotted pat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from ppc_core.checkpoint import identity_hash
 from ppc_core.losses.ppc import PPCConfig
 
 
@@ -109,8 +111,11 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
-    output_dir: str = "runs/train"
-    resume: bool = True  # continue from output_dir's last checkpoint when one exists
+    # "" = runs/train/<run identity>: each configuration its own folder, the same one again.
+    output_dir: str = ""
+    # Continue from output_dir's last checkpoint (of the same identity: else an error); false
+    # moves a previous run in output_dir aside into output_dir/previous/<time>/ and starts anew.
+    resume: bool = True
 
     def check(self) -> None:
         _at_least("steps", self.steps, 1)
@@ -119,8 +124,6 @@ class TrainConfig:
         _one_of("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _at_least("log_every", self.log_every, 1)
         _at_least("checkpoint_every", self.checkpoint_every, 1)
-        if not self.output_dir:
-            raise ConfigError("output_dir must not be empty")
 
 
 @dataclass
@@ -189,6 +192,36 @@ def _in_range(name: str, value: float, lo: float, hi: float, hi_open: bool = Fal
         raise ConfigError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")
 
 
+# Fields that cannot change a run's result (its checkpoints, metrics and reported history):
+# where it writes, whether it resumes, how often it logs or checkpoints (resumption is exact),
+# where it reports, how many overlay images it draws. Every other field, present or future, is
+# part of the identity; `eval.every` too, since it decides the reported history and the steps at
+# which a sweep's pruner may stop the run.
+NOT_IN_IDENTITY = ("train.output_dir", "train.resume", "train.log_every",
+                   "train.checkpoint_every", "track.", "eval.num_samples")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def identity_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The fields of `cfg` that decide its result (dotted name -> value): a run's identity."""
+    return {k: v for k, v in _flat(asdict(cfg)).items()
+            if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in NOT_IN_IDENTITY)}
+
+
+def run_identity(cfg: RunConfig) -> str:
+    """The short hash of `identity_fields(cfg)`, saved with every checkpoint and in config.json."""
+    return identity_hash(identity_fields(cfg))
+
+
 def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
     """The one validation point: a composed Hydra config -> a checked `RunConfig`.
 
@@ -206,7 +239,11 @@ def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
         except ValueError as err:
             raise ConfigError(f"invalid config: {f.name}.{err}") from None
         sections[f.name] = section
-    return RunConfig(**sections)
+    checked = RunConfig(**sections)
+    if not checked.train.output_dir:
+        checked.train = replace(checked.train,
+                                output_dir=f"runs/train/{run_identity(checked)}")
+    return checked
 
 
 def register_configs() -> None:

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 from accelerate import Accelerator
 
-from experiments.config import RunConfig
+from experiments.config import RunConfig, run_identity
 from ppc_core.checkpoint import latest_checkpoint
 from ppc_core.evaluate import EvalResult
 from ppc_core.viz import overlay_grid, save_png
@@ -111,7 +111,7 @@ def inside(folder: Path) -> Iterator[None]:
 
 
 def start_tracking(accelerator: Accelerator, cfg: RunConfig) -> None:
-    config = {**_flatten(asdict(cfg)), **provenance()}
+    config = {**_flatten(asdict(cfg)), "run.identity": run_identity(cfg), **provenance()}
     out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

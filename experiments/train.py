@@ -7,6 +7,8 @@ The config enters here, is validated once (`to_run_config`), and only plain valu
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from pathlib import Path
 
 import hydra
@@ -18,7 +20,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from experiments.config import RunConfig, to_run_config
+from experiments.config import ConfigError, RunConfig, identity_fields, to_run_config
+from experiments.run_dir import RunFolderConflict, StopSignals, claim_output_dir
 from experiments.tracking import finish_tracking, start_tracking
 from ppc_core.data import build_dataset, dataset_info
 from ppc_core.evaluate import EvalResult, evaluate
@@ -26,7 +29,20 @@ from ppc_core.losses.ppc import GatherFn, PPCLoss
 from ppc_core.models import build_model
 from ppc_core.objective import Objective, SEAMWeights
 from ppc_core.optim import build_optimizer
-from ppc_core.train import Reporter, Schedule, TrainResult, train
+from ppc_core.train import (
+    Cadence,
+    Data,
+    Hooks,
+    NonFiniteLoss,
+    Reporter,
+    RunDir,
+    Schedule,
+    TrainingInterrupted,
+    TrainResult,
+    train,
+)
+
+__all__ = ["RunFolderConflict", "TrainingInterrupted", "NonFiniteLoss", "build_training", "run"]
 
 
 def _eval_loader(cfg: RunConfig) -> DataLoader:
@@ -56,7 +72,12 @@ def build_training(
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
-    """Train and evaluate one configuration; returns the final metrics (also in metrics.json)."""
+    """Train and evaluate one configuration; returns the final metrics (also in metrics.json).
+
+    Raises `RunFolderConflict` (before writing anything) when `train.output_dir` holds another
+    run's checkpoints, `NonFiniteLoss` when a step fails, `TrainingInterrupted` after SIGTERM or
+    SIGINT (the step in progress finished and was checkpointed; the same call resumes).
+    """
     out = Path(cfg.train.output_dir)
     t = cfg.train
     accelerator = Accelerator(
@@ -66,9 +87,23 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
         # Before PPC starts (and without SEAM) the projector / PCM get no gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    identity = identity_fields(cfg)
+    try:
+        with claim_output_dir(accelerator, out, identity, t.resume), StopSignals() as stop:
+            return _train_and_report(accelerator, cfg, identity, reporter, stop)
+    finally:
+        accelerator.end_training()
+        # Accelerate keeps mixed precision and accumulation in process-wide singletons; clear
+        # them so the next in-process run (a sweep's next trial) gets its own settings.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _train_and_report(accelerator: Accelerator, cfg: RunConfig, identity: dict,
+                      reporter: Reporter | None, stop: StopSignals) -> dict:
+    out, t = Path(cfg.train.output_dir), cfg.train
     set_seed(t.seed)
     info = dataset_info(cfg.data.name)
-    d = cfg.data
     gather = accelerator.gather if accelerator.num_processes > 1 else None
     train_set, model, optimizer, objective = build_training(cfg, gather)
     eval_loader = _eval_loader(cfg) if accelerator.is_main_process else None
@@ -84,27 +119,21 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
                 "best_threshold": result.best_threshold}
 
     start_tracking(accelerator, cfg)
-    schedule = Schedule(
-        steps=t.steps, base_lr=cfg.optim.lr, poly_power=cfg.optim.poly_power,
-        ppc_start=cfg.loss.ppc_start_step, ppc_ramp=cfg.loss.ppc_ramp_steps,
-        grad_accum=t.grad_accum, log_every=t.log_every, eval_every=cfg.eval.every,
-        checkpoint_every=t.checkpoint_every, seed=t.seed,
-    )
-    try:
-        result = train(accelerator, model, optimizer, train_set, t.batch_size, objective,
-                       schedule, out, evaluate_model, reporter, d.num_workers, t.resume)
-        metrics = _summarise(result)
-        if accelerator.is_main_process:
-            if not last_eval:  # resumed after the final step: evaluate the restored model once
-                evaluate_model(model)
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            finish_tracking(accelerator, out, metrics, last_eval[0], info.num_classes)
-    finally:
-        accelerator.end_training()
-        # Accelerate keeps mixed precision and accumulation in process-wide singletons; clear
-        # them so the next in-process run (a sweep's next trial) gets its own settings.
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    schedule = Schedule(steps=t.steps, lr=cfg.optim.lr, poly_power=cfg.optim.poly_power,
+                        ppc_start_step=cfg.loss.ppc_start_step,
+                        ppc_ramp_steps=cfg.loss.ppc_ramp_steps, grad_accum=t.grad_accum,
+                        seed=t.seed)
+    cadence = Cadence(log_every=t.log_every, eval_every=cfg.eval.every,
+                      checkpoint_every=t.checkpoint_every)
+    result = train(accelerator, model, optimizer, objective,
+                   Data(train_set, t.batch_size, cfg.data.num_workers), schedule, cadence,
+                   RunDir(out, identity, t.resume), Hooks(evaluate_model, reporter, stop))
+    metrics = _summarise(result)
+    if accelerator.is_main_process:
+        if not last_eval:  # resumed after the final step: evaluate the restored model once
+            evaluate_model(model)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        finish_tracking(accelerator, out, metrics, last_eval[0], info.num_classes)
     return metrics
 
 
@@ -116,7 +145,14 @@ def _summarise(result: TrainResult) -> dict:
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    metrics = run(to_run_config(cfg))
+    try:
+        metrics = run(to_run_config(cfg))
+    except TrainingInterrupted as err:  # the shell's convention: 128 + the signal's number
+        print(f"ppc-train: {err}", file=sys.stderr)
+        sys.exit(128 + signal.Signals[err.signal].value if err.signal in signal.Signals.__members__
+                 else 1)
+    except (ConfigError, NonFiniteLoss) as err:
+        sys.exit(f"ppc-train: {err}")
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "last_logs")},
                      indent=2))
 

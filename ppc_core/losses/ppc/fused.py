@@ -52,7 +52,7 @@ def fused_terms(
     finite).
     """
     b, c, h, w = cam_s.shape
-    n = h * w  # pixels per image
+    hw = h * w  # pixels per image
     # Pseudo labels of both views in one pass; each view has its own prototypes.
     with torch.no_grad():
         cams = torch.cat([cam_s, cam_t])
@@ -68,9 +68,9 @@ def fused_terms(
     # The four cross blocks as one cross-entropy: a block against the prototypes of view j takes
     # the labels of the other view (L_cp: v != j, L_cc: v == j). Each term averages two
     # (view, set) means over the pixels whose label has a prototype.
-    y = y.view(2, b, n)
+    y = y.view(2, b, hw)
     swap = _constant((1, 0), torch.int64, y.device)
-    target = y[swap].transpose(0, 1).expand(2, b, 2, n)  # labels of view 1 - j
+    target = y[swap].transpose(0, 1).expand(2, b, 2, hw)  # labels of view 1 - j
     keep = ok.view(1, 1, 2, c).expand(2, b, 2, c).gather(3, target)  # has a prototype
     weight = keep / keep.sum(dim=(1, 3), keepdim=True).clamp_min_(1)  # a mean per block
     # The terms from the four (view, set) sums and intra: a cross term is half the sum of its
@@ -79,9 +79,9 @@ def fused_terms(
     neg_keep = cfg.neg_keep(c)
 
     # Every term reads one of four logit maps, each view against each prototype set:
-    # table[v, i, j] = view v of image i against the prototypes of view j, (C, N) per block.
+    # table[v, i, j] = view v of image i against the prototypes of view j, (C, H*W) per block.
     def terms(table: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        table = table.view(2, b, 2, c, n)
+        table = table.view(2, b, 2, c, hw)
         losses, cross_grad = _weighted_cross_entropy(table, target, weight, dim=3)
         # Block (v, i, v): view v against its own prototypes.
         own = table.diagonal(dim1=0, dim2=2).permute(3, 0, 1, 2)
@@ -319,9 +319,9 @@ def _weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor,
                             dim: int = 1) -> tuple[Tensor, Tensor]:
     """Weighted per-element cross-entropies and their gradient, without autograd.
 
-    logits: (N, K, *S) class scores (class axis `dim`); target: (N, *S) int64 in [0, K), may be
-    an expanded view; weight: (N, *S). Returns losses (N, *S) = weight * CE(logits, target) and
-    grad (N, K, *S) = d sum(losses) / d logits = weight * (softmax - one-hot of the target).
+    logits: (M, C, *S) class scores (class axis `dim`); target: (M, *S) int64 in [0, C), may be
+    an expanded view; weight: (M, *S). Returns losses (M, *S) = weight * CE(logits, target) and
+    grad (M, C, *S) = d sum(losses) / d logits = weight * (softmax - one-hot of the target).
     """
     logp = logits.log_softmax(dim=dim)
     t, w = target.unsqueeze(dim), weight.unsqueeze(dim)
@@ -344,14 +344,14 @@ def _intra_contrast(
 ) -> tuple[Tensor, Tensor]:
     """`terms.intra_view` of V views at once, on each view's logits against its own prototypes.
 
-    own: (V, B, C, N) masked logits, no autograd; y: (V, B, N) labels in [0, C); valid: (V, C)
+    own: (V, B, C, H*W) masked logits, no autograd; y: (V, B, H*W) labels in [0, C); valid: (V, C)
     whether each view's class has a prototype. Returns the mean over views of the per-view
-    intra term (a scalar) and its gradient (V, B, C, N).
+    intra term (a scalar) and its gradient (V, B, C, H*W).
     """
-    v, b, c, n = own.shape
+    v, b, c, hw = own.shape
     offsets = _constant(tuple(((c * i,),) for i in range(v)), torch.int64, y.device)  # (V, 1, 1)
     group = (y + offsets).view(-1)  # (view, class) of every pixel
-    pos = own.gather(2, y.unsqueeze(2))  # (V, B, 1, N)
+    pos = own.gather(2, y.unsqueeze(2))  # (V, B, 1, H*W)
     counts = torch.bincount(group, minlength=v * c)
     # The logit is an increasing function of the similarity, so it ranks pixels alike.
     if sampler is None:
@@ -372,8 +372,8 @@ def _intra_contrast(
     use = (counts.view(v, c) > 1) & (weight_sum > 0) & valid
     per_class = use / (weight_sum.clamp_min(1e-12) * (use.sum(dim=1, keepdim=True).clamp_min(1) * v))
     coef = per_class.view(-1).gather(0, group).mul_(weight)
-    positive = _constant((0,), torch.int64, y.device).expand(v * b, n)  # the positive is logit 0
-    losses, grad = _weighted_cross_entropy(logits.view(v * b, -1, n), positive, coef.view(v * b, n))
+    positive = _constant((0,), torch.int64, y.device).expand(v * b, hw)  # the positive is logit 0
+    losses, grad = _weighted_cross_entropy(logits.view(v * b, -1, hw), positive, coef.view(v * b, hw))
     classes = torch.cat([y.unsqueeze(2), ranked.indices[:, :, negatives]], dim=2)
     return losses.sum(), own.new_zeros(own.shape).scatter_add_(2, classes, grad.view(classes.shape))
 

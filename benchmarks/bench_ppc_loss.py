@@ -1,9 +1,11 @@
 """Forward+backward time, peak memory and agreement: `PPCLoss` against the loop-style baseline.
 
 Run from the repository root: `python -m benchmarks.bench_ppc_loss` (see benchmarks/README.md).
-Prints a markdown table. Timing runs use each implementation's own sampling (the baseline with
-the reference's `random.sample` calls and its unused random negatives); the agreement column
-feeds both the same random keys so that they pick identical pixels.
+Prints a markdown table: the baseline (`benchmarks/ppc_reference.py`, the reference's loops),
+then `PPCLoss` with `ppc.impl=reference` (the readable terms under autograd) and with
+`ppc.impl=fused` (the engine training uses). Timing runs use each implementation's own sampling
+(the baseline with the reference's `random.sample` calls and its unused random negatives); the
+agreement columns feed all the same random keys so that they pick identical pixels.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks.ppc_reference import reference_ppc_loss
+from benchmarks.ppc_reference import method_fields, reference_ppc_loss
 from ppc_core.losses.ppc import PPCConfig, PPCLoss
+from ppc_core.objective import PPCWeights
 
 LossFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
-TERMS = ("cross_proto", "cross_cam", "intra", "total")
+TERMS = ("cross_proto", "cross_cam", "intra")
 
 
 def make_inputs(batch: int, grid: int, num_classes: int, dim: int, seed: int) -> dict[str, Tensor]:
@@ -52,9 +55,10 @@ def _args(x: dict[str, Tensor]) -> tuple[Tensor, ...]:
     return x["feats_s"], x["cam_s"], x["feats_t"], x["cam_t"], x["labels"]
 
 
-def ours(cfg: PPCConfig, seed: int | None = None) -> LossFn:
-    """`PPCLoss` as a function of the inputs; a seed fixes its sampling generator."""
-    loss = PPCLoss(cfg)
+def ours(cfg: PPCConfig, seed: int | None = None, impl: str | None = None) -> LossFn:
+    """`PPCLoss` as a function of the inputs; a seed fixes its sampling generator; impl
+    overrides cfg.impl."""
+    loss = PPCLoss(cfg if impl is None else dataclasses.replace(cfg, impl=impl))
 
     def run(x: dict[str, Tensor]) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -68,7 +72,7 @@ def reference(cfg: PPCConfig, seed: int | None = None, draw_unused_negatives: bo
 
     Without a seed it samples with `random.sample`, as the reference does.
     """
-    kwargs = dataclasses.asdict(cfg)
+    kwargs = method_fields(cfg)
 
     def run(x: dict[str, Tensor]) -> dict[str, Tensor]:
         keys = None
@@ -83,12 +87,15 @@ def reference(cfg: PPCConfig, seed: int | None = None, draw_unused_negatives: bo
     return run
 
 
-def forward_backward(fn: LossFn, x: dict[str, Tensor]) -> dict[str, Tensor]:
-    """One training-step worth of loss work: the terms, and gradients into the features."""
+def forward_backward(fn: LossFn, x: dict[str, Tensor],
+                     weights: PPCWeights | None = None) -> dict[str, Tensor]:
+    """One training-step worth of loss work: the terms, and gradients into the features of
+    their total under `weights` (the reference's by default), as the objective weighs them."""
     for name in ("feats_s", "feats_t"):
         x[name].grad = None
     out = fn(x)
-    out["total"].backward()
+    w = dataclasses.asdict(weights or PPCWeights())
+    sum(w[name] * out[name] for name in TERMS).backward()
     return out
 
 
@@ -191,13 +198,15 @@ def max_differences(a: LossFn, b: LossFn, x: dict[str, Tensor]) -> tuple[float, 
 
 
 def bench_grid(grid: int, args: argparse.Namespace) -> list[dict[str, object]]:
-    """Both implementations at one feature grid; one table row each."""
+    """The baseline and both `PPCLoss` implementations at one feature grid; one row each."""
     cfg = PPCConfig()
     x = make_inputs(args.batch, grid, args.classes, args.dim, args.seed)
-    term_diff, grad_diff = max_differences(ours(cfg, args.seed), reference(cfg, args.seed), x)
-    ref_repeats = args.repeats if grid <= 16 else args.ref_repeats
-    impls = (("reference loops", reference(cfg), ref_repeats),
-             ("ours (vectorised)", ours(cfg), args.repeats))
+    big = grid > 16
+    impls = (("reference loops (baseline)", reference(cfg),
+              args.ref_repeats if big else args.repeats),
+             ("ppc.impl=reference (readable)", ours(cfg, impl="reference"),
+              args.readable_repeats if big else args.repeats),
+             ("ppc.impl=fused", ours(cfg, impl="fused"), args.repeats))
     timings = interleaved_ms([fn for _, fn, _ in impls], x, [n for _, _, n in impls])
     rows = []
     for (name, fn, repeats), (median, best) in zip(impls, timings, strict=True):
@@ -207,9 +216,11 @@ def bench_grid(grid: int, args: argparse.Namespace) -> list[dict[str, object]]:
             "repeats": repeats, "peak_mb": peak / 2**20, "largest_mb": largest / 2**20,
             "npd": records_per_pixel_prototypes(fn, x),
         })
-    rows[1]["speedup"] = rows[0]["ms"] / rows[1]["ms"]
-    rows[1]["best_speedup"] = rows[0]["best_ms"] / rows[1]["best_ms"]
-    rows[1]["term_diff"], rows[1]["grad_diff"] = term_diff, grad_diff
+    for row, impl in zip(rows[1:], ("reference", "fused"), strict=True):
+        row["speedup"] = rows[0]["ms"] / row["ms"]
+        row["best_speedup"] = rows[0]["best_ms"] / row["best_ms"]
+        row["term_diff"], row["grad_diff"] = max_differences(
+            ours(cfg, args.seed, impl), reference(cfg, args.seed), x)
     return rows
 
 
@@ -244,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--ref-repeats", type=int, default=3,
                         help="baseline repeats on grids above 16x16 (it takes seconds each)")
+    parser.add_argument("--readable-repeats", type=int, default=5,
+                        help="ppc.impl=reference repeats on grids above 16x16")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

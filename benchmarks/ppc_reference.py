@@ -2,14 +2,15 @@
 
 This is the algorithm of `get_contrast_loss` in the reference repository (usr922/wseg,
 module/train.py), written out again in its own style so that `ppc_core.losses.ppc.PPCLoss` can be
-timed and checked against it: per-class Python loops for the prototypes and for hard pixel
+timed and checked against it (the timing baseline of `benchmarks.bench_ppc_loss`; the readable
+version of the loss is `ppc_core/losses/ppc/terms.py`): per-class Python loops for the prototypes and for hard pixel
 sampling, an (N, C+1, D) `.repeat` of the prototype matrix indexed per pixel for the semi-hard
 negatives, ten random negatives per pixel drawn with a list comprehension and then discarded, and
 exp-then-log softmaxes. The loops and the copies are the point of the baseline: they are exactly
 what the vectorised loss removes, so the project's "no loops over classes" rule does not apply here.
 
 Where the reference and our loss differ in semantics, this baseline follows ours (see
-`shared/method.md`): channel 0 is the background, K = top_k_ratio * h * w, prototypes are ranked
+docs/method.md): channel 0 is the background, K = top_k_ratio * h * w, prototypes are ranked
 by `prototype_ranking`, classes without a prototype leave the softmax, classes with fewer than
 2 pixels leave the class average, and the hard-pixel window is [floor(lo * n), floor(hi * n)).
 
@@ -22,11 +23,14 @@ generator state therefore selects identical pixels. Without keys the baseline ca
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ppc_core.losses.ppc import PPCConfig
 
 _EPS = 1e-5
 
@@ -191,9 +195,6 @@ def reference_ppc_loss(
     tau: float = 0.1,
     top_k_ratio: float = 0.125,
     bg_threshold: float = 0.20,
-    w_cross_proto: float = 0.1,
-    w_cross_cam: float = 0.1,
-    w_intra: float = 0.1,
     neg_drop: int = 3,
     neg_keep_ratio: float = 10 / 21,
     hard_random_ratio: float = 0.5,
@@ -203,10 +204,10 @@ def reference_ppc_loss(
     random_keys: tuple[Tensor, Tensor] | None = None,
     draw_unused_negatives: bool = True,
 ) -> dict[str, Tensor]:
-    """The baseline's terms, named and weighted as `PPCLoss.forward` returns them.
+    """The baseline's terms, named and unweighted as `PPCLoss.forward` returns them.
 
     feats_*: (B, D, H, W); cam_*: (B, C+1, H, W) raw, channel 0 = background; labels: (B, C).
-    The keyword arguments are `PPCConfig`'s fields, so `**dataclasses.asdict(cfg)` fits.
+    The keyword arguments are `PPCConfig`'s fields of the method (`method_fields(cfg)`).
     random_keys: (keys_s, keys_t), each (B*H*W,) uniform noise; None samples with `random`.
     """
     if random_keys is not None and any(k.shape != (feats_s[:, 0].numel(),) for k in random_keys):
@@ -235,5 +236,11 @@ def reference_ppc_loss(
     intra = (reference_intra_contrast(v_s, y_s, p_s, ok_s, *mining, keys[0], draw_unused_negatives)
              + reference_intra_contrast(v_t, y_t, p_t, ok_t, *mining, keys[1],
                                         draw_unused_negatives)) / 2
-    total = w_cross_proto * cross_proto + w_cross_cam * cross_cam + w_intra * intra
-    return {"cross_proto": cross_proto, "cross_cam": cross_cam, "intra": intra, "total": total}
+    return {"cross_proto": cross_proto, "cross_cam": cross_cam, "intra": intra}
+
+
+def method_fields(cfg: PPCConfig) -> dict[str, object]:
+    """`PPCConfig`'s fields that `reference_ppc_loss` takes: all but the weights (the
+    objective's) and the choice of implementation."""
+    skip = {"impl", "w_cross_proto", "w_cross_cam", "w_intra"}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}

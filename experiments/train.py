@@ -27,7 +27,7 @@ from ppc_core.data import build_dataset, dataset_info
 from ppc_core.evaluate import EvalResult, evaluate
 from ppc_core.losses.ppc import GatherFn, PPCLoss
 from ppc_core.models import build_model
-from ppc_core.objective import Objective, SEAMWeights
+from ppc_core.objective import Objective, PPCWeights, SEAMWeights
 from ppc_core.optim import build_optimizer
 from ppc_core.train import (
     Cadence,
@@ -66,8 +66,10 @@ def build_training(
     optimizer = build_optimizer(model.param_groups(o.weight_decay), o.name, o.lr, o.momentum,
                                 o.group_lr_mults)
     seam = SEAMWeights(loss.w_er, loss.w_ecr, loss.w_min_pool) if loss.seam else None
-    objective = Objective(PPCLoss(cfg.ppc, gather) if loss.use_ppc else None,
-                          d.target_size, d.target_flip, seam)
+    p = cfg.ppc
+    objective = Objective(PPCLoss(p, gather) if loss.use_ppc else None,
+                          d.target_size, d.target_flip, seam,
+                          PPCWeights(p.w_cross_proto, p.w_cross_cam, p.w_intra))
     return train_set, model, optimizer, objective
 
 

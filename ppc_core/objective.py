@@ -1,19 +1,20 @@
 """The CAM-training objective: classification (+ SEAM terms) + the PPC regulariser.
 
 It returns a dict of named, already weighted loss terms; the loop sums and logs them under the
-same names.
+same names. Every weight lives here (`SEAMWeights`, `PPCWeights`): the losses return their terms
+unweighted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ppc_core.data.views import align_to_target, target_view
 from ppc_core.losses import seam
-from ppc_core.losses.ppc import PPCLoss
+from ppc_core.losses.ppc import TERMS, PPCLoss
 
 
 @dataclass
@@ -23,10 +24,21 @@ class SEAMWeights:
     min_pool: float = 1.0
 
 
+@dataclass
+class PPCWeights:
+    """One weight per PPC term, by the term's name (`ppc_core.losses.ppc.TERMS`); the config's
+    `ppc.w_<name>` fields. The reference weighs each 0.1."""
+
+    cross_proto: float = 0.1
+    cross_cam: float = 0.1
+    intra: float = 0.1
+
+
 class Objective:
     """Two views of each batch -> named loss terms.
 
-    ppc: the PPC loss or None for the baseline; seam_weights: None to leave SEAM's terms out.
+    ppc: the PPC loss or None for the baseline; seam_weights: None to leave SEAM's terms out;
+    ppc_weights: the PPC terms' weights (the reference's by default).
     The target view is the batch rescaled to `target_size` (optionally flipped), and every
     source-view map is aligned onto the target's feature grid before the two are compared.
     """
@@ -37,8 +49,14 @@ class Objective:
         target_size: int,
         target_flip: bool = False,
         seam_weights: SEAMWeights | None = None,
+        ppc_weights: PPCWeights | None = None,
     ) -> None:
         self.ppc = ppc
+        self.ppc_weights = ppc_weights or PPCWeights()
+        self._ppc_weight = asdict(self.ppc_weights)
+        missing = [name for name in TERMS if name not in self._ppc_weight]
+        if ppc is not None and missing:
+            raise ValueError(f"PPC terms {missing} have no weight: add them to PPCWeights")
         self.target_size = target_size
         self.target_flip = target_flip
         self.seam_weights = seam_weights
@@ -78,9 +96,6 @@ class Objective:
             # The reference builds prototypes and pseudo labels from the PCM-refined CAM.
             ppc_s, ppc_t = (cam_s, tgt.cam) if rv_s is None else (rv_s, tgt.cam_rv)
             out = self.ppc(align(src.proj), ppc_s, tgt.proj, ppc_t, labels, generator)
-            c = self.ppc.cfg
-            weights = {"cross_proto": c.w_cross_proto, "cross_cam": c.w_cross_cam,
-                       "intra": c.w_intra}
-            for name, weight in weights.items():
-                terms[f"ppc_{name}"] = ppc_scale * weight * out[name]
+            for name, value in out.items():
+                terms[f"ppc_{name}"] = ppc_scale * self._ppc_weight[name] * value
         return terms

@@ -6,6 +6,7 @@
     ppc-sweep run --study s --n-trials 40 &           # after `create`
     ppc-sweep status --study s
     ppc-sweep report --study s
+    ppc-sweep confirm --study s --top 3 --seeds 5       # best 3 + baseline, fresh seeds, verdict
     ppc-sweep dashboard --study s
 
 Extra Hydra overrides for every trial go after `--`. `--n-trials` is the study's target: a
@@ -95,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-local", type=int, default=0, metavar="N",
                    help="also run N proposals of W&B's own algorithm here, offline "
                         "(needs wandb[sweeps])")
+    p = sub.add_parser("confirm", help="re-run the best configurations and the baseline on "
+                       "fresh seeds, on a split the sweep did not select on; write a verdict")
+    _common(p)
+    p.add_argument("--top", type=int, default=1, help="configurations to confirm (best first)")
+    p.add_argument("--seeds", type=int, default=5, help="fresh seeds per arm, paired by seed")
+    p.add_argument("--eval-split", default="",
+                   help="split to confirm on (digits: test by default; VOC: required, e.g. val "
+                        "after selecting on train)")
+    p.add_argument("--launcher", choices=("inprocess", "torchrun", "accelerate"),
+                   default="inprocess")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--fail-stale", type=float, default=None, metavar="SECONDS",
+                   help="first fail and re-queue confirm runs RUNNING longer than SECONDS "
+                        "(journal storage, after a killed confirm)")
     p = sub.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1")
     _common(p)
     p.add_argument("--port", type=int, default=8080)
@@ -139,7 +154,9 @@ def _counts(study) -> dict[str, int]:
 
 def _finished(study) -> int:
     """Finished trials, not counting failed ones that were re-queued (their retry counts)."""
-    trials = study.get_trials(deepcopy=False)
+    from sweeps.study import is_search
+
+    trials = [t for t in study.get_trials(deepcopy=False) if is_search(t)]  # not the baseline
     retried = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
     retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     return sum(t.state.name in FINISHED and not (t.state.name == "FAIL" and t.number in retried)
@@ -272,13 +289,17 @@ def _dispatch(args, overrides: list[str]) -> int:
         return 0
     if cmd == "export-wandb":
         return _export(args, overrides)
+    if cmd == "confirm":
+        return _confirm(args, url)
     if cmd == "dashboard":
         from optuna_dashboard import run_server
 
+        from sweeps.objective import artifact_store
         from sweeps.storage import open_storage
 
         print(f"optuna-dashboard on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-        run_server(open_storage(url, heartbeat=None), host="127.0.0.1", port=args.port)
+        run_server(open_storage(url, heartbeat=None), host="127.0.0.1", port=args.port,
+                   artifact_store=artifact_store(args.root, args.study))
         return 0
     return _demo(args, overrides, url)
 
@@ -303,6 +324,18 @@ def _export(args, overrides: list[str]) -> int:
             return 0
         for r in run_local(config, args.run_local, Path(args.root, args.study)):
             print(r)
+    return 0
+
+
+def _confirm(args, url: str, deadline: float | None = None) -> int:
+    from sweeps.confirm import run_confirm, verdict_markdown
+
+    result = run_confirm(args.study, url, args.root, args.top, args.seeds, args.eval_split,
+                         getattr(args, "launcher", "inprocess"),
+                         getattr(args, "num_processes", 1), args.heartbeat, args.grace,
+                         deadline, getattr(args, "fail_stale", None))
+    print("\n".join(verdict_markdown(result)))
+    print(f"verdict: {Path(args.root, args.study, 'confirm', 'verdict.md')}")
     return 0
 
 

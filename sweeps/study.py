@@ -3,6 +3,12 @@ seeds, overrides) as user attributes, so every worker that joins it runs the sam
 
 Create a study once (`ppc-sweep create`) before starting parallel workers: two workers creating
 the same study on a fresh database race on the schema.
+
+Every study holds a control arm: `create` enqueues one trial with the user attribute
+`role: baseline` (CAM only, `loss.use_ppc=false`, the study's fixed overrides and seeds). It runs,
+fails, is retried and resumed like any trial, but it is no point of the search space: the
+sampler and the pruner of a loaded study see the study without it (`SearchOnly`), and it never
+counts as the best trial.
 """
 
 from __future__ import annotations
@@ -22,6 +28,76 @@ METRIC = "cam_miou"
 # Multi-objective: final CAM mIoU (maximise) and training seconds per seed (minimise).
 OBJECTIVES = {False: ("maximize",), True: ("maximize", "minimize")}
 _RECIPE_KEY = "ppc_sweep"
+ROLE = "role"  # user attribute of trials that are not points of the space (the baseline)
+BASELINE = "baseline"
+METRIC_NAMES = {False: ["final CAM mIoU"], True: ["final CAM mIoU", "train seconds per seed"]}
+
+
+def is_search(trial: optuna.trial.FrozenTrial) -> bool:
+    """True for a trial the sampler proposed; False for the baseline (any `role` trial)."""
+    return ROLE not in trial.user_attrs
+
+
+class _SearchView:
+    """The study as the sampler and pruner should see it: without `role` trials."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study_ = study
+
+    def __getattr__(self, name: str):
+        return getattr(self._study_, name)
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        return [t for t in self._study_.get_trials(deepcopy, states) if is_search(t)]
+
+    @property
+    def trials(self) -> list:
+        return self.get_trials()
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
+        return [t for t in self._study_._get_trials(deepcopy, states, use_cache) if is_search(t)]
+
+
+class SearchOnly(optuna.samplers.BaseSampler):
+    """Wraps a sampler: role trials get nothing sampled and are invisible to it."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
+        self.inner = inner
+
+    def infer_relative_search_space(self, study, trial):
+        if not is_search(trial):
+            return {}
+        return self.inner.infer_relative_search_space(_SearchView(study), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        if not is_search(trial) or not search_space:
+            return {}
+        return self.inner.sample_relative(_SearchView(study), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(_SearchView(study), trial, param_name,
+                                             param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        if is_search(trial):
+            self.inner.before_trial(_SearchView(study), trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        if is_search(trial):
+            self.inner.after_trial(_SearchView(study), trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+class SearchOnlyPruner(optuna.pruners.BasePruner):
+    """Wraps a pruner: never prunes a role trial, never compares with one."""
+
+    def __init__(self, inner: optuna.pruners.BasePruner) -> None:
+        self.inner = inner
+
+    def prune(self, study, trial) -> bool:
+        return is_search(trial) and self.inner.prune(_SearchView(study), trial)
 
 
 @dataclass
@@ -67,6 +143,10 @@ class Recipe:
 
 
 def make_sampler(recipe: Recipe, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    return SearchOnly(_make_sampler(recipe, seed))
+
+
+def _make_sampler(recipe: Recipe, seed: int | None = None) -> optuna.samplers.BaseSampler:
     seed = recipe.sampler_seed if seed is None else seed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -85,6 +165,10 @@ def make_sampler(recipe: Recipe, seed: int | None = None) -> optuna.samplers.Bas
 
 
 def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
+    return SearchOnlyPruner(_make_pruner(recipe))
+
+
+def _make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
     if recipe.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=recipe.prune_startup_trials,
                                            n_warmup_steps=recipe.prune_warmup_steps)
@@ -109,6 +193,9 @@ def create(name: str, storage_url: str, recipe: Recipe, heartbeat: int | None = 
         return load(name, storage_url, heartbeat)[0]
     study.set_user_attr(_RECIPE_KEY, asdict(recipe))
     study.set_user_attr("metric", METRIC)
+    study.set_metric_names(METRIC_NAMES[recipe.multi_objective])
+    # First in the queue: the control arm exists before any point of the space is tried.
+    study.enqueue_trial({}, user_attrs={ROLE: BASELINE})
     return study
 
 

@@ -78,20 +78,19 @@ def open_confirm(study_name: str, url: str, heartbeat: int | None = None,
                  grace: int | None = None, create: bool = False) -> optuna.Study | None:
     storage = open_storage(url, heartbeat, grace)
     name = confirm_name(study_name)
-    if create:
-        study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
-                                    sampler=optuna.samplers.RandomSampler(),
-                                    load_if_exists=True)
-        study.set_user_attr("confirm_of", study_name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(["final CAM mIoU (confirm split)"])
-        return study
     try:
         return optuna.load_study(study_name=name, storage=storage,
                                  sampler=optuna.samplers.RandomSampler())
     except KeyError:
-        return None
+        if not create:
+            return None
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler())
+    study.set_user_attr("confirm_of", study_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["final CAM mIoU (confirm split)"])
+    return study
 
 
 def _key(t: FrozenTrial) -> tuple[str, int] | None:
@@ -142,7 +141,9 @@ def run_confirm(study_name: str, url: str, root: str | Path, top: int = 1, n_see
     if fail_stale_s is not None:
         fail_stale(cstudy, fail_stale_s)
     if heartbeat:
-        optuna.storages.fail_stale_trials(cstudy)  # a killed run: failed, re-queued, resumed
+        with warnings.catch_warnings():  # a killed run: failed, re-queued, resumed
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(cstudy)
     added = enqueue(cstudy, arms, seeds, split)
     print(f"confirm {study_name}: arms {[a.name for a in arms]} on seeds {seeds} "
           f"(eval split {split}; the sweep selected on {selected}); {added} runs queued")

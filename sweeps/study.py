@@ -38,24 +38,32 @@ def is_search(trial: optuna.trial.FrozenTrial) -> bool:
     return ROLE not in trial.user_attrs
 
 
-class _SearchView:
-    """The study as the sampler and pruner should see it: without `role` trials."""
+class SearchStudy(optuna.Study):
+    """The study as the sampler, the pruner and the report's plots see it: the same storage,
+    without `role` trials (a real `Study`, so Optuna's plots and evaluators accept it)."""
 
-    def __init__(self, study: optuna.Study) -> None:
-        self._study_ = study
-
-    def __getattr__(self, name: str):
-        return getattr(self._study_, name)
+    def __init__(self, study: optuna.Study) -> None:  # a view: Study.__init__ would reload it
+        self.__dict__.update(study.__dict__)
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list:
-        return [t for t in self._study_.get_trials(deepcopy, states) if is_search(t)]
-
-    @property
-    def trials(self) -> list:
-        return self.get_trials()
+        return [t for t in super().get_trials(deepcopy, states) if is_search(t)]
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
-        return [t for t in self._study_._get_trials(deepcopy, states, use_cache) if is_search(t)]
+        return [t for t in super()._get_trials(deepcopy, states, use_cache) if is_search(t)]
+
+    @property
+    def best_trial(self) -> optuna.trial.FrozenTrial:
+        if self._is_multi_objective():
+            raise RuntimeError("best_trial is for single-objective studies; use best_trials")
+        done = self.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if not done:
+            raise ValueError("no complete trial of the space yet")
+        pick = max if self.direction == optuna.study.StudyDirection.MAXIMIZE else min
+        return pick(done, key=lambda t: t.value)
+
+
+def _SearchView(study: optuna.Study) -> SearchStudy:  # noqa: N802 - reads like the class
+    return study if isinstance(study, SearchStudy) else SearchStudy(study)
 
 
 class SearchOnly(optuna.samplers.BaseSampler):
@@ -193,7 +201,9 @@ def create(name: str, storage_url: str, recipe: Recipe, heartbeat: int | None = 
         return load(name, storage_url, heartbeat)[0]
     study.set_user_attr(_RECIPE_KEY, asdict(recipe))
     study.set_user_attr("metric", METRIC)
-    study.set_metric_names(METRIC_NAMES[recipe.multi_objective])
+    with warnings.catch_warnings():  # experimental in Optuna 5.1; plots and dashboard read it
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(METRIC_NAMES[recipe.multi_objective])
     # First in the queue: the control arm exists before any point of the space is tried.
     study.enqueue_trial({}, user_attrs={ROLE: BASELINE})
     return study

@@ -56,6 +56,9 @@ def _recipe_args(p: argparse.ArgumentParser, space: str = "paper") -> None:
                    help="median pruner: trials that finish before any pruning")
     p.add_argument("--prune-warmup-steps", type=int, default=0,
                    help="median pruner: training steps before a trial can be pruned")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="no control arm (by default the study's first trial is the CAM-only "
+                        "baseline: loss.use_ppc=false, same fixed overrides and seeds)")
 
 
 def _run_args(p: argparse.ArgumentParser, launcher: str = "inprocess") -> None:
@@ -142,7 +145,7 @@ def _recipe(args, overrides: list[str]) -> Recipe:
                   multi_objective=args.multi_objective, preset=args.preset, seeds=args.seeds,
                   base_seed=args.base_seed, overrides=overrides, sampler_seed=args.sampler_seed,
                   prune_startup_trials=args.prune_startup_trials,
-                  prune_warmup_steps=args.prune_warmup_steps)
+                  prune_warmup_steps=args.prune_warmup_steps, baseline=not args.no_baseline)
 
 
 def _counts(study) -> dict[str, int]:

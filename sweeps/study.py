@@ -123,6 +123,7 @@ class Recipe:
     sampler_seed: int | None = None
     prune_startup_trials: int = 2
     prune_warmup_steps: int = 0
+    baseline: bool = True  # enqueue the control arm (CAM only) at create
 
     def parsed_space(self) -> Space:
         return parse_space(self.space, "<study space>")
@@ -204,8 +205,8 @@ def create(name: str, storage_url: str, recipe: Recipe, heartbeat: int | None = 
     with warnings.catch_warnings():  # experimental in Optuna 5.1; plots and dashboard read it
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(METRIC_NAMES[recipe.multi_objective])
-    # First in the queue: the control arm exists before any point of the space is tried.
-    study.enqueue_trial({}, user_attrs={ROLE: BASELINE})
+    if recipe.baseline:  # first in the queue: the control arm runs before any point of the space
+        study.enqueue_trial({}, user_attrs={ROLE: BASELINE})
     return study
 
 

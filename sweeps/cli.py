@@ -91,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", default="", help="report folder (default <root>/<study>/report)")
     p.add_argument("--no-wandb", action="store_true", help="skip the W&B summary run")
-    p = sub.add_parser("export-wandb", help="write the space as a W&B sweep YAML")
+    p = sub.add_parser("export-wandb", help="write the study's recipe as a W&B sweep YAML")
     _common(p)
-    p.add_argument("--space", default="paper")
-    p.add_argument("--preset", default="digits")
+    p.add_argument("--space", default="",
+                   help="only without a stored study: space to export (default paper)")
+    p.add_argument("--preset", default="", help="only without a stored study (default digits)")
     p.add_argument("--out", default="", help="YAML path (default <root>/<study>/wandb_sweep.yaml)")
     p.add_argument("--run-local", type=int, default=0, metavar="N",
                    help="also run N proposals of W&B's own algorithm here, offline "
@@ -316,7 +317,18 @@ def _export(args, overrides: list[str]) -> int:
         write_wandb_sweep,
     )
 
-    config, notes = to_wandb_sweep(load_space(args.space), args.preset, overrides)
+    run_root = f"{args.root}/{args.study}"
+    if exists(args.study, _url(args)):
+        _, recipe = load(args.study, _url(args), None)
+        if args.space or args.preset or overrides:
+            print(f"note: study {args.study} exists: its stored recipe is exported, not "
+                  "--space / --preset / overrides", file=sys.stderr)
+        config, notes = _export_recipe(recipe, run_root)
+    else:
+        print(f"note: no study {args.study} in {_url(args)}: exporting --space "
+              f"{args.space or 'paper'} --preset {args.preset or 'digits'}", file=sys.stderr)
+        config, notes = to_wandb_sweep(load_space(args.space or "paper"),
+                                       args.preset or "digits", overrides, run_root=run_root)
     path = write_wandb_sweep(config, args.out or Path(args.root, args.study, "wandb_sweep.yaml"))
     print(f"W&B sweep: {path}  (wandb sweep {path}; wandb agent ENTITY/PROJECT/SWEEP_ID)")
     for n in notes:
@@ -328,6 +340,26 @@ def _export(args, overrides: list[str]) -> int:
         for r in run_local(config, args.run_local, Path(args.root, args.study)):
             print(r)
     return 0
+
+
+def _export_recipe(recipe: Recipe, run_root: str) -> tuple[dict, list[str]]:
+    """The W&B sweep of a stored recipe: its space, preset, overrides, seeds and warm-up."""
+    import math
+
+    from experiments.config import compose_config
+    from sweeps.wandb_sweep import to_wandb_sweep
+
+    space = recipe.parsed_space()
+    cfg = compose_config(recipe.preset, [*recipe.overrides, *space.overrides({})])
+    min_iter = max(2, math.ceil(recipe.prune_warmup_steps / cfg.eval.every))
+    seeds = [recipe.base_seed + i for i in range(recipe.seeds)]
+    config, notes = to_wandb_sweep(space, recipe.preset, recipe.overrides, project=cfg.track.project,
+                                   min_iter=min_iter, seeds=seeds, run_root=run_root)
+    if recipe.multi_objective:
+        notes.append("multi-objective study: W&B sweeps optimise one metric (CAM mIoU)")
+    if recipe.pruner == "none":
+        del config["early_terminate"]
+    return config, notes
 
 
 def _confirm(args, url: str, deadline: float | None = None) -> int:

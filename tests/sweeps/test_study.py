@@ -15,7 +15,7 @@ from sweeps.report import best_checkpoint, write_report
 from sweeps.space import load_space
 from sweeps.storage import default_url, fail_stale, kind, open_storage
 from sweeps.study import Recipe, create, load
-from sweeps.wandb_sweep import COMMAND, ENGINE_MISSING, load_engine, run_local, to_wandb_sweep
+from sweeps.wandb_sweep import ENGINE_MISSING, load_engine, run_local, to_wandb_sweep
 
 from .conftest import write_space
 
@@ -112,7 +112,7 @@ def test_report_and_best_checkpoint(tmp_path: Path) -> None:
 
 def test_wandb_sweep_export(tmp_path: Path) -> None:
     config, notes = to_wandb_sweep(load_space("demo"), "digits", ["track.trackers=[]"])
-    assert config["command"] == COMMAND and "${args_no_hyphens}" in config["command"]
+    assert "${args_no_hyphens}" in config["command"]
     assert config["method"] == "bayes"
     assert config["metric"] == {"name": "eval/cam_miou", "goal": "maximize"}
     assert config["early_terminate"]["type"] == "hyperband"

@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sweeps.space import SpaceError, load_space
@@ -121,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, study="demo")
     _recipe_args(p, space="demo")
     p.add_argument("--n-trials", type=int, default=20, help="trials to add")
-    p.add_argument("--budget", type=float, default=480.0,
-                   help="seconds for the whole demo, report included")
+    p.add_argument("--budget", type=float, default=570.0,
+                   help="seconds for the whole demo: sweep, confirm and report")
+    p.add_argument("--confirm-seeds", type=int, default=3,
+                   help="confirm phase: fresh seeds for the best configuration and the baseline")
     p.add_argument("--no-wandb", action="store_true", help="no W&B runs (trials or summary)")
     # Digits CAMs start to localise after ~400 steps: pruning earlier compares noise.
     p.set_defaults(prune_warmup_steps=400, prune_startup_trials=3)
@@ -170,10 +173,12 @@ def _finished(study) -> int:
 def run_worker(study_name: str, url: str, root: str, target: int, timeout: float | None = None,
                launcher: str = "inprocess", num_processes: int = 1,
                heartbeat: int | None = DEFAULT_HEARTBEAT_S, grace: int | None = None,
-               deadline: float | None = None, progress: bool = True) -> None:
+               deadline: float | Callable[[], float] | None = None, progress: bool = True,
+               ) -> None:
     """Run trials of an existing study until it holds `target` finished trials.
 
-    `deadline` (time.monotonic) stops before a trial that would likely overrun it.
+    `deadline` (time.monotonic, or a function returning it) stops before a trial that would
+    likely overrun it.
     """
     import optuna
     from tqdm.auto import tqdm
@@ -201,7 +206,8 @@ def run_worker(study_name: str, url: str, root: str, target: int, timeout: float
             pass
         if done >= target:
             study.stop()
-        elif deadline is not None and time.monotonic() + longest[0] > deadline:
+        elif deadline is not None and time.monotonic() + longest[0] > (
+                deadline() if callable(deadline) else deadline):
             study.stop()
 
     if start < target:
@@ -375,6 +381,8 @@ def _confirm(args, url: str, deadline: float | None = None) -> int:
 
 
 def _demo(args, overrides: list[str], url: str) -> int:
+    """Sweep, then confirm the best configuration against the baseline on fresh seeds and the
+    test split, then the report (verdict first), all within `--budget` seconds."""
     start = time.monotonic()
     reserve = 45.0  # the report, plots and the W&B summary run
     if args.no_wandb:
@@ -383,11 +391,27 @@ def _demo(args, overrides: list[str], url: str) -> int:
     recipe = _recipe(args, overrides)
     study = create(args.study, url, recipe, exist_ok=True)
     target = _finished(study) + args.n_trials
-    print(f"demo: study {args.study} in {url}; up to {args.n_trials} trials in "
-          f"{args.budget:.0f} s (digits, CPU)")
+    end = start + args.budget - reserve
+
+    def sweep_deadline() -> float:
+        # Leave the confirm phase its 2 x seeds runs, each as long as a measured seed.
+        return end - 2 * args.confirm_seeds * _seconds_per_seed(study) * 1.15
+
+    print(f"demo: study {args.study} in {url}; the baseline and up to {args.n_trials} trials, "
+          f"then confirm on {args.confirm_seeds} fresh seeds, in {args.budget:.0f} s "
+          "(digits, CPU)")
     run_worker(args.study, url, args.root, target, launcher="inprocess",
-               heartbeat=args.heartbeat, grace=args.grace,
-               deadline=start + args.budget - reserve)
+               heartbeat=args.heartbeat, grace=args.grace, deadline=sweep_deadline)
+    from sweeps.confirm import run_confirm, verdict_markdown
+
+    print(f"\nconfirm: the best configuration vs the baseline, {args.confirm_seeds} fresh seeds, "
+          "test split")
+    try:
+        result = run_confirm(args.study, url, args.root, 1, args.confirm_seeds, "",
+                             heartbeat=args.heartbeat, grace=args.grace, deadline=end)
+        print("\n".join(verdict_markdown(result)))
+    except ValueError as err:
+        print(f"confirm skipped: {err}")
     study, _ = load(args.study, url, None)
     report = _report(study, Path(args.root, args.study, "report"), not args.no_wandb)
     _print_status(study)
@@ -402,6 +426,13 @@ def _demo(args, overrides: list[str], url: str) -> int:
           f"(then open http://127.0.0.1:8080)")
     print(f"demo took {time.monotonic() - start:.0f} s")
     return 0
+
+
+def _seconds_per_seed(study) -> float:
+    """The longest measured training time of one seed in the study (0 before any)."""
+    times = [s for t in study.get_trials(deepcopy=False)
+             for s in t.user_attrs.get("seconds_per_seed", [])]
+    return max(times, default=0.0)
 
 
 if __name__ == "__main__":

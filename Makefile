@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench postgres-bin
+.PHONY: demo test lint bench postgres-bin chromium-bin
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,17 @@ postgres-bin:
 	    apt-get install -y -qq --no-install-recommends postgresql >/dev/null) || \
 	    echo "no PostgreSQL server binaries: PostgreSQL tests will be skipped"; }
 
+# The report's browser test needs a headless chromium; install Debian's when missing and we may.
+chromium-bin:
+	@command -v chromium >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
+	    echo "no chromium: the report's browser test will be skipped"; }
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) postgres-bin lint
+test: $(STAMP) postgres-bin chromium-bin lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -148,17 +148,24 @@ class TrialRunner:
             "checkpoint_dir": str(ckpt) if ckpt else "",
         }.items():
             trial.set_user_attr(key, v)
-        self._upload_overlays(trial, best_run / "overlays.png")
+        self._upload_overlays(trial, best_run / "overlays.png", cfg.data.name)
         if not math.isfinite(value):
             raise FloatingPointError(f"{METRIC} is not finite: {finals}")
         return value
 
-    def _upload_overlays(self, trial: optuna.Trial, png: Path) -> None:
+    def _upload_overlays(self, trial: optuna.Trial, png: Path, data: str) -> None:
         # An Optuna artifact, so optuna-dashboard shows the trial's overlays on its page.
         if not png.is_file():
             return
+        import numpy as np
         from optuna.artifacts import upload_artifact
+        from PIL import Image
 
+        from ppc_core.data import dataset_info
+        from ppc_core.viz import overlay_figure
+
+        png = overlay_figure(np.asarray(Image.open(png).convert("RGB")),
+                             dataset_info(data).class_names, png.with_name("overlays_legend.png"))
         trial.set_user_attr("overlay_artifact", upload_artifact(
             artifact_store=artifact_store(self.root, self.group or self.study_name),
             file_path=str(png),

@@ -153,6 +153,9 @@ def _plots(study: optuna.Study, out: Path) -> tuple[list[tuple[Path, str]], list
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             if not hasattr(ax, "flat") and len(fig.axes) == 1:  # one plain panel: room to read
                 fig.set_size_inches(max(fig.get_figwidth(), 8), max(fig.get_figheight(), 5))
+            elif hasattr(ax, "flat"):  # panels keep their figure fractions: widen, no re-layout
+                fig.set_size_inches(max(fig.get_figwidth(), 3.5 * ax.size + 1),
+                                    fig.get_figheight())
             path = out / f"{stem}.png"
             # Optuna lays out multi-panel plots and their colour bars itself; a tight bounding
             # box keeps that layout (resizing + tight_layout put the colour bar over a panel).

@@ -5,9 +5,10 @@ Every (arm, seed) run is one trial of the companion study `<study>-confirm` in t
 (user attributes `role: confirm`, `arm`, `seed`; a configuration's parameters are its trial's
 parameters, so optuna-dashboard lists them). The runs are enqueued once and taken by
 `study.optimize`, so they share the sweep's machinery: heartbeats, a killed run failed and
-re-queued into the same folder (`<root>/<study>/confirm/<arm>/seed_<s>`) where it resumes from
-its checkpoint, any storage and launcher. A finished run is never repeated: a restarted
-`confirm` enqueues only the (arm, seed) pairs that have no finished, waiting or running trial.
+re-queued into the same folder (`<root>/<study>/confirm/<split>/<arm>/seed_<s>`) where it
+resumes from its checkpoint, any storage and launcher. A finished run is never repeated: a
+restarted `confirm` enqueues only the (arm, seed, split) runs that have no finished, waiting or
+running trial.
 
 Seeds are fresh: the sweep trained seeds base_seed .. base_seed + seeds - 1, confirm trains the
 next M. Arms run seed by seed (baseline and every configuration on seed s, then s + 1), so an
@@ -93,10 +94,10 @@ def open_confirm(study_name: str, url: str, heartbeat: int | None = None,
     return study
 
 
-def _key(t: FrozenTrial) -> tuple[str, int] | None:
+def _key(t: FrozenTrial) -> tuple[str, int, str] | None:
     if "arm" not in t.user_attrs:
         return None
-    return t.user_attrs["arm"], int(t.user_attrs["seed"])
+    return t.user_attrs["arm"], int(t.user_attrs["seed"]), t.user_attrs.get("eval_split", "")
 
 
 def enqueue(cstudy: optuna.Study, arms: list[Arm], seeds: list[int], split: str) -> int:
@@ -106,7 +107,7 @@ def enqueue(cstudy: optuna.Study, arms: list[Arm], seeds: list[int], split: str)
     added = 0
     for seed in seeds:
         for arm in arms:
-            if (arm.name, seed) in taken:
+            if (arm.name, seed, split) in taken:
                 continue
             cstudy.enqueue_trial(arm.params, user_attrs={
                 ROLE: CONFIRM, "arm": arm.name, "seed": seed, "eval_split": split})
@@ -152,6 +153,7 @@ def run_confirm(study_name: str, url: str, root: str | Path, top: int = 1, n_see
     space = recipe.parsed_space()
     base_arm = runner.baseline_arm()
     out = Path(root, study_name, CONFIRM)
+    runs_dir = out / split
     longest = [0.0]
 
     def objective(trial: optuna.Trial) -> float:
@@ -162,7 +164,7 @@ def run_confirm(study_name: str, url: str, root: str | Path, top: int = 1, n_see
         seed = int(trial.user_attrs["seed"])
         try:
             overrides = base_arm if arm == BASELINE else space.overrides(space.sample(trial))
-            return runner.train_seeds(trial, overrides, [seed], out / arm, f"confirm-{arm}",
+            return runner.train_seeds(trial, overrides, [seed], runs_dir / arm, f"confirm-{arm}",
                                       [CONFIRM, arm], extra=(f"data.eval_split={split}",))
         except BaseException as err:  # recorded, then Optuna marks the run FAIL
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
@@ -178,16 +180,16 @@ def run_confirm(study_name: str, url: str, root: str | Path, top: int = 1, n_see
     if _waiting(cstudy) and (deadline is None or time.monotonic() < deadline):
         cstudy.optimize(objective, n_trials=None, catch=(Exception,),
                         callbacks=[callback], gc_after_trial=True)
-    result = verdict(cstudy, [a.name for a in arms])
+    result = verdict(cstudy, [a.name for a in arms], split)
     write_verdict(result, out)
     return result
 
 
-def runs(cstudy: optuna.Study) -> dict[str, dict[int, FrozenTrial]]:
-    """{arm: {seed: its finished trial}} of a confirm study."""
+def runs(cstudy: optuna.Study, split: str) -> dict[str, dict[int, FrozenTrial]]:
+    """{arm: {seed: its finished trial}} of a confirm study on `split`."""
     out: dict[str, dict[int, FrozenTrial]] = {}
     for t in cstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if (key := _key(t)) is not None:
+        if (key := _key(t)) is not None and key[2] == split:
             out.setdefault(key[0], {})[key[1]] = t
     return out
 
@@ -197,13 +199,16 @@ def _per_seed(trials: dict[int, FrozenTrial], attr: str) -> dict[int, float]:
     return {s: v for s, v in values.items() if v is not None and math.isfinite(v)}
 
 
-def verdict(cstudy: optuna.Study, arms: list[str] | None = None) -> dict:
+def verdict(cstudy: optuna.Study, arms: list[str] | None = None, split: str = "") -> dict:
     """Per configuration arm: the paired difference to the baseline in final CAM mIoU and
-    pseudo-mask mIoU (mean, 95% t-interval, verdict), and each arm's mean ± sd."""
-    by_arm = runs(cstudy)
+    pseudo-mask mIoU (mean, 95% t-interval, verdict), and each arm's mean ± sd; on `split`
+    (default: the split of the latest `confirm`)."""
+    splits = dict(cstudy.user_attrs.get("splits", {}))
+    split = split or splits.get("confirmed_on", "")
+    splits["confirmed_on"] = split
+    by_arm = runs(cstudy, split)
     names = arms or sorted(by_arm, key=lambda a: (a != BASELINE, a))
     base = by_arm.get(BASELINE, {})
-    splits = cstudy.user_attrs.get("splits", {})
     result: dict = {"study": cstudy.user_attrs.get("confirm_of", cstudy.study_name),
                     "splits": splits, "interval": "95% Student t on paired differences",
                     "arms": {}}

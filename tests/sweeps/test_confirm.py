@@ -95,8 +95,8 @@ def test_confirm_killed_and_restarted_repeats_no_finished_run(tmp_path: Path) ->
     args = ("confirm", "--study", "c", "--root", str(tmp_path), "--top", "1", "--seeds", "2",
             "--heartbeat", "1", "--grace", "2")
     first = _cli(*args)
-    done = tmp_path / "c/confirm/baseline/seed_1/metrics.json"
-    ckpt = tmp_path / "c/confirm/trial-1/seed_1/checkpoints/step_00000002"
+    done = tmp_path / "c/confirm/test/baseline/seed_1/metrics.json"
+    ckpt = tmp_path / "c/confirm/test/trial-1/seed_1/checkpoints/step_00000002"
     deadline = time.monotonic() + 180
     while not ckpt.is_dir():  # the first run finished, the second is mid-way
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
@@ -114,7 +114,7 @@ def test_confirm_killed_and_restarted_repeats_no_finished_run(tmp_path: Path) ->
     assert [k[:2] for k in keys if k[2] == TrialState.FAIL] == [("trial-1", 1)]  # the killed one
     assert done.stat().st_mtime_ns == finished_at  # the finished run was not repeated
     assert "resumed from" in out
-    run = tmp_path / "c/confirm/trial-1/seed_2"
+    run = tmp_path / "c/confirm/test/trial-1/seed_2"
     config = json.loads((run / "config.json").read_text())
     assert config["data.eval_split"] == "test" and config["train.seed"] == 2
     assert config["ppc.tau"] == study.trials[1].params["ppc.tau"]

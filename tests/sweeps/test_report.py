@@ -77,7 +77,8 @@ def _study(tmp_path: Path, n: int = 3) -> optuna.Study:
     for seed, (b, a) in enumerate([(0.30, 0.33), (0.31, 0.35), (0.29, 0.31)], start=2):
         for arm, v in ((BASELINE, b), ("trial-4", a)):
             confirm.add_trial(create_trial(value=v, user_attrs={
-                ROLE: "confirm", "arm": arm, "seed": seed, "cam_miou_per_seed": [v],
+                ROLE: "confirm", "arm": arm, "seed": seed, "eval_split": "test",
+                "cam_miou_per_seed": [v],
                 "pseudo_miou_per_seed": [v / 2]}))
     return study
 

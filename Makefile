@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench gpu-check constraints postgres-bin container-bin
+.PHONY: demo test lint bench gpu-check constraints postgres-bin container-bin chromium-bin
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,17 @@ container-bin:
 	    golang-github-containernetworking-plugin-dnsname iptables debootstrap >/dev/null) || \
 	    echo "no podman/debootstrap: the image tests will be skipped"; }
 
+# The report's browser test needs a headless chromium; install Debian's when missing and we may.
+chromium-bin:
+	@command -v chromium >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
+	    echo "no chromium: the report's browser test will be skipped"; }
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) postgres-bin container-bin lint
+test: $(STAMP) postgres-bin container-bin chromium-bin lint
 	WANDB_MODE=offline $(PY) -m pytest -q
 
 bench: $(STAMP)

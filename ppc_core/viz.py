@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ppc_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["overlay_grid", "save_png", "voc_palette"]
+__all__ = ["overlay_figure", "overlay_grid", "save_png", "voc_palette"]
 
 _ALPHA = 0.5
 
@@ -104,4 +104,40 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, format="PNG")
+    return path
+
+
+COLUMNS = ("image", "ground truth", "CAM (max over classes)", "pseudo mask")
+
+
+def overlay_figure(grid: np.ndarray, class_names: Sequence[str], path: str | Path,
+                   tile_px: int = 160) -> Path:
+    """Save an `overlay_grid` array readable: tiles scaled to about `tile_px` wide (nearest),
+    the column titles above, and a legend of the class colours (background, classes, ignore)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    if grid.ndim != 3 or grid.shape[1] % len(COLUMNS):
+        raise ValueError(f"viz.overlay_figure: grid must be (H, 4*W, 3), got {grid.shape}")
+    tile_w = grid.shape[1] // len(COLUMNS)
+    scale = tile_px / tile_w
+    dpi = 100
+    width, height = grid.shape[1] * scale / dpi, grid.shape[0] * scale / dpi
+    fig = plt.figure(figsize=(width, height + 0.7), dpi=dpi)
+    ax = fig.add_axes((0, 0.7 / (height + 0.7), 1, height / (height + 0.7)))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([(i + 0.5) * tile_w for i in range(len(COLUMNS))], COLUMNS)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0, labelsize=11)
+    ax.set_yticks([])
+    colours = voc_palette(len(class_names) + 1) / 255.0
+    handles = [Patch(facecolor=colours[i], edgecolor="k", label=name)
+               for i, name in enumerate(("background", *class_names))]
+    handles.append(Patch(facecolor="white", edgecolor="k", label="ignore"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=9,
+               frameon=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
     return path

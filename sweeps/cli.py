@@ -6,6 +6,7 @@
     ppc-sweep run --study s --n-trials 40 &           # after `create`
     ppc-sweep status --study s
     ppc-sweep report --study s
+    ppc-sweep confirm --study s --top 3 --seeds 5       # best 3 + baseline, fresh seeds, verdict
     ppc-sweep dashboard --study s
 
 Extra Hydra overrides for every trial go after `--`. `--n-trials` is the study's target: a
@@ -19,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sweeps.space import SpaceError, load_space
@@ -55,6 +57,9 @@ def _recipe_args(p: argparse.ArgumentParser, space: str = "paper") -> None:
                    help="median pruner: trials that finish before any pruning")
     p.add_argument("--prune-warmup-steps", type=int, default=0,
                    help="median pruner: training steps before a trial can be pruned")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="no control arm (by default the study's first trial is the CAM-only "
+                        "baseline: loss.use_ppc=false, same fixed overrides and seeds)")
 
 
 def _run_args(p: argparse.ArgumentParser, launcher: str = "inprocess") -> None:
@@ -87,14 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", default="", help="report folder (default <root>/<study>/report)")
     p.add_argument("--no-wandb", action="store_true", help="skip the W&B summary run")
-    p = sub.add_parser("export-wandb", help="write the space as a W&B sweep YAML")
+    p = sub.add_parser("export-wandb", help="write the study's recipe as a W&B sweep YAML")
     _common(p)
-    p.add_argument("--space", default="paper")
-    p.add_argument("--preset", default="digits")
+    p.add_argument("--space", default="",
+                   help="only without a stored study: space to export (default paper)")
+    p.add_argument("--preset", default="", help="only without a stored study (default digits)")
     p.add_argument("--out", default="", help="YAML path (default <root>/<study>/wandb_sweep.yaml)")
     p.add_argument("--run-local", type=int, default=0, metavar="N",
                    help="also run N proposals of W&B's own algorithm here, offline "
                         "(needs wandb[sweeps])")
+    p = sub.add_parser("confirm", help="re-run the best configurations and the baseline on "
+                       "fresh seeds, on a split the sweep did not select on; write a verdict")
+    _common(p)
+    p.add_argument("--top", type=int, default=1, help="configurations to confirm (best first)")
+    p.add_argument("--seeds", type=int, default=5, help="fresh seeds per arm, paired by seed")
+    p.add_argument("--eval-split", default="",
+                   help="split to confirm on (digits: test by default; VOC: required, e.g. val "
+                        "after selecting on train)")
+    p.add_argument("--launcher", choices=("inprocess", "torchrun", "accelerate"),
+                   default="inprocess")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--fail-stale", type=float, default=None, metavar="SECONDS",
+                   help="first fail and re-queue confirm runs RUNNING longer than SECONDS "
+                        "(journal storage, after a killed confirm)")
     p = sub.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1")
     _common(p)
     p.add_argument("--port", type=int, default=8080)
@@ -102,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, study="demo")
     _recipe_args(p, space="demo")
     p.add_argument("--n-trials", type=int, default=20, help="trials to add")
-    p.add_argument("--budget", type=float, default=480.0,
-                   help="seconds for the whole demo, report included")
+    p.add_argument("--budget", type=float, default=570.0,
+                   help="seconds for the whole demo: sweep, confirm and report")
+    p.add_argument("--confirm-seeds", type=int, default=3,
+                   help="confirm phase: fresh seeds for the best configuration and the baseline")
     p.add_argument("--no-wandb", action="store_true", help="no W&B runs (trials or summary)")
     # Digits CAMs start to localise after ~400 steps: pruning earlier compares noise.
     p.set_defaults(prune_warmup_steps=400, prune_startup_trials=3)
@@ -138,7 +160,7 @@ def _recipe(args, overrides: list[str]) -> Recipe:
                   multi_objective=args.multi_objective, preset=args.preset, seeds=args.seeds,
                   base_seed=args.base_seed, overrides=overrides, sampler_seed=args.sampler_seed,
                   prune_startup_trials=args.prune_startup_trials,
-                  prune_warmup_steps=args.prune_warmup_steps)
+                  prune_warmup_steps=args.prune_warmup_steps, baseline=not args.no_baseline)
 
 
 def _counts(study) -> dict[str, int]:
@@ -150,7 +172,9 @@ def _counts(study) -> dict[str, int]:
 
 def _finished(study) -> int:
     """Finished trials, not counting failed ones that were re-queued (their retry counts)."""
-    trials = study.get_trials(deepcopy=False)
+    from sweeps.study import is_search
+
+    trials = [t for t in study.get_trials(deepcopy=False) if is_search(t)]  # not the baseline
     retried = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
     retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     return sum(t.state.name in FINISHED and not (t.state.name == "FAIL" and t.number in retried)
@@ -160,10 +184,12 @@ def _finished(study) -> int:
 def run_worker(study_name: str, url: str, root: str, target: int, timeout: float | None = None,
                launcher: str = "inprocess", num_processes: int = 1,
                heartbeat: int | None = DEFAULT_HEARTBEAT_S, grace: int | None = None,
-               deadline: float | None = None, progress: bool = True) -> None:
+               deadline: float | Callable[[], float] | None = None, progress: bool = True,
+               ) -> None:
     """Run trials of an existing study until it holds `target` finished trials.
 
-    `deadline` (time.monotonic) stops before a trial that would likely overrun it.
+    `deadline` (time.monotonic, or a function returning it) stops before a trial that would
+    likely overrun it.
     """
     import optuna
     from tqdm.auto import tqdm
@@ -191,7 +217,8 @@ def run_worker(study_name: str, url: str, root: str, target: int, timeout: float
             pass
         if done >= target:
             study.stop()
-        elif deadline is not None and time.monotonic() + longest[0] > deadline:
+        elif deadline is not None and time.monotonic() + longest[0] > (
+                deadline() if callable(deadline) else deadline):
             study.stop()
 
     if start < target:
@@ -285,13 +312,17 @@ def _dispatch(args, overrides: list[str]) -> int:
         return 0
     if cmd == "export-wandb":
         return _export(args, overrides)
+    if cmd == "confirm":
+        return _confirm(args, url)
     if cmd == "dashboard":
         from optuna_dashboard import run_server
 
+        from sweeps.objective import artifact_store
         from sweeps.storage import open_storage
 
         print(f"optuna-dashboard on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-        run_server(open_storage(url, heartbeat=None), host="127.0.0.1", port=args.port)
+        run_server(open_storage(url, heartbeat=None), host="127.0.0.1", port=args.port,
+                   artifact_store=artifact_store(args.root, args.study))
         return 0
     return _demo(args, overrides, url)
 
@@ -305,7 +336,18 @@ def _export(args, overrides: list[str]) -> int:
         write_wandb_sweep,
     )
 
-    config, notes = to_wandb_sweep(load_space(args.space), args.preset, overrides)
+    run_root = f"{args.root}/{args.study}"
+    if exists(args.study, _url(args)):
+        _, recipe = load(args.study, _url(args), None)
+        if args.space or args.preset or overrides:
+            print(f"note: study {args.study} exists: its stored recipe is exported, not "
+                  "--space / --preset / overrides", file=sys.stderr)
+        config, notes = _export_recipe(recipe, run_root)
+    else:
+        print(f"note: no study {args.study} in {_url(args)}: exporting --space "
+              f"{args.space or 'paper'} --preset {args.preset or 'digits'}", file=sys.stderr)
+        config, notes = to_wandb_sweep(load_space(args.space or "paper"),
+                                       args.preset or "digits", overrides, run_root=run_root)
     path = write_wandb_sweep(config, args.out or Path(args.root, args.study, "wandb_sweep.yaml"))
     print(f"W&B sweep: {path}  (wandb sweep {path}; wandb agent ENTITY/PROJECT/SWEEP_ID)")
     for n in notes:
@@ -319,7 +361,41 @@ def _export(args, overrides: list[str]) -> int:
     return 0
 
 
+def _export_recipe(recipe: Recipe, run_root: str) -> tuple[dict, list[str]]:
+    """The W&B sweep of a stored recipe: its space, preset, overrides, seeds and warm-up."""
+    import math
+
+    from experiments.config import compose_config
+    from sweeps.wandb_sweep import to_wandb_sweep
+
+    space = recipe.parsed_space()
+    cfg = compose_config(recipe.preset, [*recipe.overrides, *space.overrides({})])
+    min_iter = max(2, math.ceil(recipe.prune_warmup_steps / cfg.eval.every))
+    seeds = [recipe.base_seed + i for i in range(recipe.seeds)]
+    config, notes = to_wandb_sweep(space, recipe.preset, recipe.overrides, project=cfg.track.project,
+                                   min_iter=min_iter, seeds=seeds, run_root=run_root)
+    if recipe.multi_objective:
+        notes.append("multi-objective study: W&B sweeps optimise one metric (CAM mIoU)")
+    if recipe.pruner == "none":
+        del config["early_terminate"]
+    return config, notes
+
+
+def _confirm(args, url: str, deadline: float | None = None) -> int:
+    from sweeps.confirm import run_confirm, verdict_markdown
+
+    result = run_confirm(args.study, url, args.root, args.top, args.seeds, args.eval_split,
+                         getattr(args, "launcher", "inprocess"),
+                         getattr(args, "num_processes", 1), args.heartbeat, args.grace,
+                         deadline, getattr(args, "fail_stale", None))
+    print("\n".join(verdict_markdown(result)))
+    print(f"verdict: {Path(args.root, args.study, 'confirm', 'verdict.md')}")
+    return 0
+
+
 def _demo(args, overrides: list[str], url: str) -> int:
+    """Sweep, then confirm the best configuration against the baseline on fresh seeds and the
+    test split, then the report (verdict first), all within `--budget` seconds."""
     start = time.monotonic()
     reserve = 45.0  # the report, plots and the W&B summary run
     if args.no_wandb:
@@ -328,11 +404,27 @@ def _demo(args, overrides: list[str], url: str) -> int:
     recipe = _recipe(args, overrides)
     study = create(args.study, url, recipe, exist_ok=True)
     target = _finished(study) + args.n_trials
-    print(f"demo: study {args.study} in {shown(url)}; up to {args.n_trials} trials in "
-          f"{args.budget:.0f} s (digits, CPU)")
+    end = start + args.budget - reserve
+
+    def sweep_deadline() -> float:
+        # Leave the confirm phase its 2 x seeds runs, each as long as a measured seed.
+        return end - 2 * args.confirm_seeds * _seconds_per_seed(study) * 1.15
+
+    print(f"demo: study {args.study} in {shown(url)}; the baseline and up to {args.n_trials} trials, "
+          f"then confirm on {args.confirm_seeds} fresh seeds, in {args.budget:.0f} s "
+          "(digits, CPU)")
     run_worker(args.study, url, args.root, target, launcher="inprocess",
-               heartbeat=args.heartbeat, grace=args.grace,
-               deadline=start + args.budget - reserve)
+               heartbeat=args.heartbeat, grace=args.grace, deadline=sweep_deadline)
+    from sweeps.confirm import run_confirm, verdict_markdown
+
+    print(f"\nconfirm: the best configuration vs the baseline, {args.confirm_seeds} fresh seeds, "
+          "test split")
+    try:
+        result = run_confirm(args.study, url, args.root, 1, args.confirm_seeds, "",
+                             heartbeat=args.heartbeat, grace=args.grace, deadline=end)
+        print("\n".join(verdict_markdown(result)))
+    except ValueError as err:
+        print(f"confirm skipped: {err}")
     study, _ = load(args.study, url, None)
     report = _report(study, Path(args.root, args.study, "report"), not args.no_wandb)
     _print_status(study)
@@ -347,6 +439,13 @@ def _demo(args, overrides: list[str], url: str) -> int:
           f"(then open http://127.0.0.1:8080)")
     print(f"demo took {time.monotonic() - start:.0f} s")
     return 0
+
+
+def _seconds_per_seed(study) -> float:
+    """The longest measured training time of one seed in the study (0 before any)."""
+    times = [s for t in study.get_trials(deepcopy=False)
+             for s in t.user_attrs.get("seconds_per_seed", [])]
+    return max(times, default=0.0)
 
 
 if __name__ == "__main__":

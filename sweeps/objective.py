@@ -5,9 +5,10 @@ sweep hands over is the one at the end of training, and the best-over-evaluation
 select on the evaluation split twice. The best-over-evaluations mean, the per-seed values and
 their spread are kept as user attributes.
 
-Each trial writes to `<root>/<study>/trial_<number>/seed_<seed>/`. A trial re-queued after its
-worker died (heartbeat) reuses the original trial's directory, so training resumes from its
-last checkpoint. Seeds run one after another; seed i reports its evaluation steps shifted by
+Each trial writes to `<root>/<study>/trial_<number>/seed_<seed>/`; the study's baseline trial
+(user attribute `role: baseline`: CAM only, the fixed overrides, the study's seeds) to
+`<root>/<study>/baseline/seed_<seed>/`. A trial re-queued after its worker died (heartbeat)
+reuses the original trial's directory, so training resumes from its last checkpoint. Seeds run one after another; seed i reports its evaluation steps shifted by
 i x train.steps, so the pruner sees one increasing curve per trial.
 """
 
@@ -32,7 +33,7 @@ from experiments.config import RunConfig, compose_config
 from ppc_core.checkpoint import latest_checkpoint
 from sweeps.space import format_value
 from sweeps.storage import retried_from
-from sweeps.study import METRIC, Recipe
+from sweeps.study import BASELINE, METRIC, ROLE, Recipe
 from sweeps.trial_reporter import STEP_OFFSET_ENV, report_to
 
 LAUNCHERS = ("inprocess", "torchrun", "accelerate")
@@ -48,6 +49,7 @@ class TrialRunner:
     recipe: Recipe
     launcher: str = "inprocess"
     num_processes: int = 1
+    group: str = ""  # W&B group and artifact store: the sweep's study (default study_name)
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -74,24 +76,47 @@ class TrialRunner:
             raise
 
     def trial_dir(self, trial: optuna.Trial) -> Path:
+        if trial.user_attrs.get(ROLE) == BASELINE:
+            return self.root / self.study_name / BASELINE
         attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
         origin = retried_from(attrs)
         return self.root / self.study_name / f"trial_{trial.number if origin is None else origin}"
 
-    def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
+    def baseline_arm(self) -> list[str]:
+        """The control arm's overrides: CAM only, with the space's fixed values (PPC's inert)."""
+        fixed = {**self.space.fixed, "loss.use_ppc": False}
+        return [f"{k}={format_value(v)}" for k, v in fixed.items()]
+
+    def arm(self, trial: optuna.Trial) -> tuple[list[str], str, list[str]]:
+        """(Hydra overrides, W&B run-name prefix, W&B tags) of the trial's arm."""
+        if trial.user_attrs.get(ROLE) == BASELINE:
+            return self.baseline_arm(), BASELINE, ["sweep", BASELINE]
         sampled = self.space.sample(trial)
+        return (self.space.overrides(sampled), f"trial-{trial.number}",
+                ["sweep", f"trial-{trial.number}"])
+
+    def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        arm, name, tags = self.arm(trial)
         out = self.trial_dir(trial)
         trial.set_user_attr("output_dir", str(out))
-        finals, bests, seconds, dirs = [], [], [], []
-        for i in range(self.recipe.seeds):
-            seed = self.recipe.base_seed + i
+        seeds = [self.recipe.base_seed + i for i in range(self.recipe.seeds)]
+        result = self.train_seeds(trial, arm, seeds, out, name, tags)
+        return (result, statistics.fmean(trial.user_attrs["seconds_per_seed"])) if self.multi \
+            else result
+
+    def train_seeds(self, trial: optuna.Trial, arm: list[str], seeds: list[int], out: Path,
+                    name: str, tags: list[str], extra: tuple[str, ...] = ()) -> float:
+        """Train `arm` on each seed into `out/seed_<s>`; records per-seed results on the trial
+        and returns the mean final CAM mIoU (pruned: raises optuna.TrialPruned)."""
+        finals, bests, pseudo, seconds, dirs, wandb_runs = [], [], [], [], [], []
+        for i, seed in enumerate(seeds):
             run_dir = out / f"seed_{seed}"
             overrides = [
-                *self.recipe.overrides, *self.space.overrides(sampled),
+                *self.recipe.overrides, *arm, *extra,
                 f"train.seed={seed}", f"train.output_dir={format_value(str(run_dir))}",
-                f"track.group={format_value(self.study_name)}",
-                f"track.run_name=trial-{trial.number}-seed-{seed}",
-                f"track.tags=[sweep,trial-{trial.number}]",
+                f"track.group={format_value(self.group or self.study_name)}",
+                f"track.run_name={name}-seed-{seed}",
+                f"track.tags=[{','.join(tags)}]",
             ]
             cfg = compose_config(self.recipe.preset, overrides)
             offset = i * cfg.train.steps
@@ -102,24 +127,49 @@ class TrialRunner:
                 metrics = self._subprocess(overrides, run_dir, trial, offset)
             seconds.append(time.perf_counter() - tic)
             trial.set_user_attr("train_seconds", sum(seconds))
+            trial.set_user_attr("seconds_per_seed", seconds)
+            if (run := wandb_run(run_dir, cfg.track.project)) is not None:
+                wandb_runs.append(run)
+                trial.set_user_attr("wandb_runs", wandb_runs)
             # A stop decided at the last evaluation saved nothing: the run is complete.
             if metrics.get("stopped_early") and metrics.get("step", 0) < cfg.train.steps:
                 raise optuna.TrialPruned(f"pruned at step {metrics.get('step')} of seed {seed}")
             finals.append(float(metrics[METRIC]))
             bests.append(float(metrics.get("best_cam_miou", math.nan)))
+            pseudo.append(float(metrics.get("pseudo_miou", math.nan)))
             dirs.append(run_dir)
         value = statistics.fmean(finals)
         best_run = dirs[max(range(len(finals)), key=lambda k: finals[k])]
         ckpt = latest_checkpoint(best_run)
         for key, v in {
-            "cam_miou_per_seed": finals, "cam_miou_std": statistics.pstdev(finals),
+            "seeds": seeds, "cam_miou_per_seed": finals, "cam_miou_std": statistics.pstdev(finals),
+            "pseudo_miou_per_seed": pseudo,
             "best_cam_miou_mean": statistics.fmean(bests), "best_run_dir": str(best_run),
-            "checkpoint_dir": str(ckpt) if ckpt else "", "seconds_per_seed": seconds,
+            "checkpoint_dir": str(ckpt) if ckpt else "",
         }.items():
             trial.set_user_attr(key, v)
+        self._upload_overlays(trial, best_run / "overlays.png", cfg.data.name)
         if not math.isfinite(value):
             raise FloatingPointError(f"{METRIC} is not finite: {finals}")
-        return (value, statistics.fmean(seconds)) if self.multi else value
+        return value
+
+    def _upload_overlays(self, trial: optuna.Trial, png: Path, data: str) -> None:
+        # An Optuna artifact, so optuna-dashboard shows the trial's overlays on its page.
+        if not png.is_file():
+            return
+        import numpy as np
+        from optuna.artifacts import upload_artifact
+        from PIL import Image
+
+        from ppc_core.data import dataset_info
+        from ppc_core.viz import overlay_figure
+
+        png = overlay_figure(np.asarray(Image.open(png).convert("RGB")),
+                             dataset_info(data).class_names, png.with_name("overlays_legend.png"))
+        trial.set_user_attr("overlay_artifact", upload_artifact(
+            artifact_store=artifact_store(self.root, self.group or self.study_name),
+            file_path=str(png),
+            study_or_trial=trial, mimetype="image/png"))
 
     # ------------------------------------------------------------------ launchers
 
@@ -162,6 +212,27 @@ class TrialRunner:
             raise RuntimeError(f"{self.launcher} exited with {rc}; end of {log}:\n"
                                + "\n".join(tail))
         return json.loads((run_dir / "metrics.json").read_text())
+
+
+def artifact_store(root: str | Path, study: str):
+    """The study's Optuna artifact store: `<root>/<study>/artifacts` (optuna-dashboard reads it
+    with `ppc-sweep dashboard`)."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    path = Path(root, study, "artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(path))
+
+
+def wandb_run(run_dir: Path, project: str) -> str | None:
+    """`project/run_id` of the W&B run that last wrote into `run_dir` (None: no W&B run).
+
+    Read from the run folder (`wandb/latest-run` -> `[offline-]run-<time>-<id>`), so the recipe
+    need not hand the id back."""
+    latest = Path(run_dir, "wandb", "latest-run")
+    if not latest.exists():
+        return None
+    return f"{project}/{latest.resolve().name.rsplit('-', 1)[-1]}"
 
 
 def _free_port() -> int:

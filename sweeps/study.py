@@ -3,6 +3,12 @@ seeds, overrides) as user attributes, so every worker that joins it runs the sam
 
 Create a study once (`ppc-sweep create`) before starting parallel workers: two workers creating
 the same study on a fresh database race on the schema.
+
+Every study holds a control arm: `create` enqueues one trial with the user attribute
+`role: baseline` (CAM only, `loss.use_ppc=false`, the study's fixed overrides and seeds). It runs,
+fails, is retried and resumed like any trial, but it is no point of the search space: the
+sampler and the pruner of a loaded study see the study without it (`SearchOnly`), and it never
+counts as the best trial.
 """
 
 from __future__ import annotations
@@ -22,6 +28,84 @@ METRIC = "cam_miou"
 # Multi-objective: final CAM mIoU (maximise) and training seconds per seed (minimise).
 OBJECTIVES = {False: ("maximize",), True: ("maximize", "minimize")}
 _RECIPE_KEY = "ppc_sweep"
+ROLE = "role"  # user attribute of trials that are not points of the space (the baseline)
+BASELINE = "baseline"
+METRIC_NAMES = {False: ["final CAM mIoU"], True: ["final CAM mIoU", "train seconds per seed"]}
+
+
+def is_search(trial: optuna.trial.FrozenTrial) -> bool:
+    """True for a trial the sampler proposed; False for the baseline (any `role` trial)."""
+    return ROLE not in trial.user_attrs
+
+
+class SearchStudy(optuna.Study):
+    """The study as the sampler, the pruner and the report's plots see it: the same storage,
+    without `role` trials (a real `Study`, so Optuna's plots and evaluators accept it)."""
+
+    def __init__(self, study: optuna.Study) -> None:  # a view: Study.__init__ would reload it
+        self.__dict__.update(study.__dict__)
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        return [t for t in super().get_trials(deepcopy, states) if is_search(t)]
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
+        return [t for t in super()._get_trials(deepcopy, states, use_cache) if is_search(t)]
+
+    @property
+    def best_trial(self) -> optuna.trial.FrozenTrial:
+        if self._is_multi_objective():
+            raise RuntimeError("best_trial is for single-objective studies; use best_trials")
+        done = self.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if not done:
+            raise ValueError("no complete trial of the space yet")
+        pick = max if self.direction == optuna.study.StudyDirection.MAXIMIZE else min
+        return pick(done, key=lambda t: t.value)
+
+
+def _SearchView(study: optuna.Study) -> SearchStudy:  # noqa: N802 - reads like the class
+    return study if isinstance(study, SearchStudy) else SearchStudy(study)
+
+
+class SearchOnly(optuna.samplers.BaseSampler):
+    """Wraps a sampler: role trials get nothing sampled and are invisible to it."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
+        self.inner = inner
+
+    def infer_relative_search_space(self, study, trial):
+        if not is_search(trial):
+            return {}
+        return self.inner.infer_relative_search_space(_SearchView(study), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        if not is_search(trial) or not search_space:
+            return {}
+        return self.inner.sample_relative(_SearchView(study), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(_SearchView(study), trial, param_name,
+                                             param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        if is_search(trial):
+            self.inner.before_trial(_SearchView(study), trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        if is_search(trial):
+            self.inner.after_trial(_SearchView(study), trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+class SearchOnlyPruner(optuna.pruners.BasePruner):
+    """Wraps a pruner: never prunes a role trial, never compares with one."""
+
+    def __init__(self, inner: optuna.pruners.BasePruner) -> None:
+        self.inner = inner
+
+    def prune(self, study, trial) -> bool:
+        return is_search(trial) and self.inner.prune(_SearchView(study), trial)
 
 
 @dataclass
@@ -39,6 +123,7 @@ class Recipe:
     sampler_seed: int | None = None
     prune_startup_trials: int = 2
     prune_warmup_steps: int = 0
+    baseline: bool = True  # enqueue the control arm (CAM only) at create
 
     def parsed_space(self) -> Space:
         return parse_space(self.space, "<study space>")
@@ -67,6 +152,10 @@ class Recipe:
 
 
 def make_sampler(recipe: Recipe, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    return SearchOnly(_make_sampler(recipe, seed))
+
+
+def _make_sampler(recipe: Recipe, seed: int | None = None) -> optuna.samplers.BaseSampler:
     seed = recipe.sampler_seed if seed is None else seed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -85,6 +174,10 @@ def make_sampler(recipe: Recipe, seed: int | None = None) -> optuna.samplers.Bas
 
 
 def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
+    return SearchOnlyPruner(_make_pruner(recipe))
+
+
+def _make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
     if recipe.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=recipe.prune_startup_trials,
                                            n_warmup_steps=recipe.prune_warmup_steps)
@@ -109,6 +202,11 @@ def create(name: str, storage_url: str, recipe: Recipe, heartbeat: int | None = 
         return load(name, storage_url, heartbeat)[0]
     study.set_user_attr(_RECIPE_KEY, asdict(recipe))
     study.set_user_attr("metric", METRIC)
+    with warnings.catch_warnings():  # experimental in Optuna 5.1; plots and dashboard read it
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(METRIC_NAMES[recipe.multi_objective])
+    if recipe.baseline:  # first in the queue: the control arm runs before any point of the space
+        study.enqueue_trial({}, user_attrs={ROLE: BASELINE})
     return study
 
 

@@ -1,7 +1,11 @@
 """Export a search space as a W&B sweep, and run W&B's own search algorithm locally, offline.
 
-The exported YAML runs `python -m experiments.train key=value ...` (`${args_no_hyphens}`), so the
-W&B agent's parameters arrive as Hydra overrides. W&B sweeps have no conditional or tied
+`ppc-sweep export-wandb --study S` exports the recipe stored with study S (space, preset,
+overrides, seeds, pruning warm-up). The YAML's command runs `python -m experiments.train
+key=value ...` (`${args_no_hyphens}`), so the W&B agent's parameters arrive as Hydra overrides,
+through `sh -c` so that each agent run trains into its own folder,
+`<root>/<study>/wandb-agent/$WANDB_RUN_ID` (the agent sets WANDB_RUN_ID for the process it
+starts; W&B's own `${envvar:...}` macro is expanded once, before the first run's id exists). W&B sweeps have no conditional or tied
 dimensions: `when` is dropped (the dimension is always sampled) and a tied dimension becomes
 one independent parameter per target; both are listed in the returned warnings.
 
@@ -21,10 +25,15 @@ from types import ModuleType
 
 import yaml
 
-from sweeps.space import Space
+from sweeps.space import Space, format_value
 from sweeps.study import METRIC
 
-COMMAND = ["${env}", "${interpreter}", "-m", "experiments.train", "${args_no_hyphens}"]
+
+def command(run_root: str) -> list[str]:
+    """The agent's command: `$0` is the agent's interpreter, `$@` the run's overrides."""
+    folder = format_value(f"{run_root}/wandb-agent")
+    script = f'exec "$0" -m experiments.train "$@" "train.output_dir={folder}/${{WANDB_RUN_ID:?}}"'
+    return ["${env}", "sh", "-c", script, "${interpreter}", "${args_no_hyphens}"]
 
 
 def _parameter(d) -> dict:
@@ -47,14 +56,21 @@ def _parameter(d) -> dict:
 
 def to_wandb_sweep(space: Space, preset: str = "digits", overrides: list[str] | None = None,
                    project: str = "ppc", min_iter: int = 2, eta: int = 3,
+                   seeds: list[int] | None = None, run_root: str = "runs/wandb",
                    ) -> tuple[dict, list[str]]:
-    """(sweep config, warnings). Fixed values and overrides become `value:` parameters."""
+    """(sweep config, warnings). Fixed values and overrides become `value:` parameters; the
+    seeds one `value` (one seed) or `values` (W&B then searches over them: it cannot average)."""
     params: dict[str, dict] = {"preset": {"value": preset}}
+    notes = []
+    if seeds:
+        params["train.seed"] = {"value": seeds[0]} if len(seeds) == 1 else {"values": seeds}
+        if len(seeds) > 1:
+            notes.append(f"seeds {seeds}: W&B runs one seed per proposal and cannot average "
+                         "them; train.seed becomes a parameter (group runs by the others)")
     for o in overrides or []:
         key, value = o.split("=", 1)
         params[key] = {"value": yaml.safe_load(value)}
     params.update({k: {"value": v} for k, v in space.fixed.items()})
-    notes = []
     for d in space.params:
         if d.when:
             notes.append(f"{d.name}: condition {d.when} dropped (W&B sweeps are unconditional)")
@@ -70,7 +86,7 @@ def to_wandb_sweep(space: Space, preset: str = "digits", overrides: list[str] | 
         # min_iter counts logged evaluations (eval.every steps apart).
         "early_terminate": {"type": "hyperband", "min_iter": min_iter, "eta": eta},
         "parameters": params,
-        "command": COMMAND,
+        "command": command(run_root),
     }
     return config, notes
 

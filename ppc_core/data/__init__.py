@@ -44,7 +44,7 @@ def build_dataset(
 ) -> Dataset:
     """A data set whose items follow the data contract.
 
-    digits: split in {"train", "val"}; crop_size is the canvas size (digits are 1/4..1/2 of it);
+    digits: split in {"train", "val", "test"}; crop_size is the canvas size (digits are 1/4..1/2 of it);
         root is the cache directory ("" -> $PPC_DATA_CACHE/digits or ~/.cache/ppc_sweeps/digits);
         seed selects the generated images; num_images 0 -> 2000 (train) / 200 (val).
     voc: split in {"train", "val", "trainval", "train_aug"}; root is the VOC folder (required);

@@ -9,7 +9,11 @@ turned to 255 and dropped from the image label, so labels always agree with mask
 
 Generation is deterministic in (split, num_images, canvas, seed, ...) and cached as a compressed
 .npz keyed by all of them. Train and val draw from disjoint digit images (index % 5) and from
-independent random streams.
+independent random streams. The test split (for confirming a sweep's choice on data it did not
+select on) draws from the val pool's digit images that the default val split (200 canvases of
+the same size, seed and style) never uses, so it shares no digit image with train or with any val
+split of up to 200 canvases (a smaller val split is a prefix of the default one); train and val
+are exactly what they were before the test split existed.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from ppc_core.data.transforms import apply_joint, eval_transform, flip_transform
 
 NUM_CLASSES = 10
 CLASS_NAMES = tuple(str(d) for d in range(NUM_CLASSES))
-SPLITS = {"train": 0, "val": 1}
-DEFAULT_NUM_IMAGES = {"train": 2000, "val": 200}
+SPLITS = {"train": 0, "val": 1, "test": 2}
+DEFAULT_NUM_IMAGES = {"train": 2000, "val": 200, "test": 200}
 DEFAULT_CANVAS = 64
 # Digits of 40-60% of the canvas: a from-scratch CNN learns CAMs in a few hundred steps (at
 # 25-50% it needed about 2,000).
@@ -90,7 +94,7 @@ def _digit_pool(split: str) -> tuple[np.ndarray, np.ndarray]:
 
     bunch = load_digits()
     idx = np.arange(len(bunch.target))
-    keep = idx % 5 == 0 if split == "val" else idx % 5 != 0
+    keep = idx % 5 == 0 if split in ("val", "test") else idx % 5 != 0
     return bunch.images[keep].astype(np.float32) / 16.0, bunch.target[keep]
 
 
@@ -137,15 +141,44 @@ def generate_digits(
         raise ValueError(f"max_digits must be in [1, {NUM_CLASSES}], got {max_digits}")
     if not 0 < digit_scale[0] <= digit_scale[1] <= 1:
         raise ValueError(f"digit_scale must satisfy 0 < lo <= hi <= 1, got {digit_scale}")
-
-    rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], GENERATOR_VERSION]))
     if not 0 <= bg_contrast <= 1:
         raise ValueError(f"bg_contrast must be in [0, 1], got {bg_contrast}")
-    backgrounds = _background_pyramid(canvas, bg_contrast)
+    style = (canvas, seed, max_digits, digit_scale, noise_std, bg_contrast)
     pool, pool_ids = _digit_pool(split)
+    if split == "test":
+        free = _test_pool(style, pool, pool_ids)
+        pool, pool_ids = pool[free], pool_ids[free]
+        missing = sorted(set(range(NUM_CLASSES)) - set(pool_ids.tolist()))
+        if missing:
+            raise ValueError(f"digits test split: the val split uses every image of digits "
+                             f"{missing} at these settings; no disjoint test split exists")
+    return _compose(split, num_images, *style, pool, pool_ids)[0]
+
+
+def _test_pool(style: tuple, pool: np.ndarray, pool_ids: np.ndarray) -> np.ndarray:
+    """Indices into the val pool that the default val split at `style` never pastes."""
+    _, used = _compose("val", DEFAULT_NUM_IMAGES["val"], *style, pool, pool_ids)
+    return np.setdiff1d(np.arange(len(pool_ids)), used)
+
+
+def _compose(
+    split: str,
+    num_images: int,
+    canvas: int,
+    seed: int,
+    max_digits: int,
+    digit_scale: tuple[float, float],
+    noise_std: float,
+    bg_contrast: float,
+    pool: np.ndarray,
+    pool_ids: np.ndarray,
+) -> tuple[DigitsArrays, np.ndarray]:
+    """The canvases of a split from a digit pool, and the pool indices they used."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], GENERATOR_VERSION]))
+    backgrounds = _background_pyramid(canvas, bg_contrast)
     by_class = [np.flatnonzero(pool_ids == c) for c in range(NUM_CLASSES)]
     lo, hi = (max(8, round(s * canvas)) for s in digit_scale)
-
+    used: list[int] = []
     images = np.empty((num_images, canvas, canvas, 3), dtype=np.uint8)
     masks = np.empty((num_images, canvas, canvas), dtype=np.uint8)
     labels = np.zeros((num_images, NUM_CLASSES), dtype=np.uint8)
@@ -162,7 +195,8 @@ def generate_digits(
         classes = rng.choice(NUM_CLASSES, size=rng.integers(1, max_digits + 1), replace=False)
         sizes = rng.integers(lo, hi + 1, size=len(classes))
         for cls, size, (y, x) in zip(classes, sizes, _paste_boxes(rng, sizes, canvas), strict=True):
-            glyph = pool[rng.choice(by_class[cls])]
+            used.append(int(rng.choice(by_class[cls])))
+            glyph = pool[used[-1]]
             alpha = np.asarray(
                 Image.fromarray(glyph).resize((size, size), Image.Resampling.BILINEAR)
             ).clip(0.0, 1.0)
@@ -184,7 +218,7 @@ def generate_digits(
         masks[n] = mask
         labels[n] = present
         n += 1
-    return DigitsArrays(images, masks, labels)
+    return DigitsArrays(images, masks, labels), np.unique(used)
 
 
 def default_cache_dir() -> Path:
@@ -243,7 +277,7 @@ def load_digits_split(
 ) -> DigitsArrays:
     """Arrays for a split, from the cache if present, else generated and cached.
 
-    num_images 0 means the split default (train 2000, val 200).
+    num_images 0 means the split default (train 2000, val 200, test 200).
     """
     if split not in SPLITS:
         raise ValueError(f"digits split must be one of {sorted(SPLITS)}, got {split!r}")

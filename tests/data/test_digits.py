@@ -7,9 +7,13 @@ from torch.utils.data import DataLoader
 
 from ppc_core.data import build_dataset, dataset_info
 from ppc_core.data.digits import (
+    DEFAULT_DIGIT_SCALE,
     MIN_VISIBLE,
     NUM_CLASSES,
     DigitsDataset,
+    _compose,
+    _digit_pool,
+    _test_pool,
     cache_path,
     default_cache_dir,
     generate_digits,
@@ -182,6 +186,37 @@ def test_dataset_info_and_bad_names():
     with pytest.raises(ValueError, match="allowed"):
         build_dataset("cifar", "train", True, 64)
     with pytest.raises(ValueError, match="split"):
-        generate_digits("test", 4)
+        generate_digits("holdout", 4)
     with pytest.raises(ValueError, match="crop_size"):
         generate_digits("train", 4, canvas=8)
+
+
+def _sha(arrays) -> str:
+    import hashlib
+
+    return hashlib.sha1(arrays.images.tobytes() + arrays.masks.tobytes()).hexdigest()[:12]
+
+
+def test_train_and_val_are_unchanged_by_the_test_split():
+    # Hashes of the splits before the test split existed: results measured on them still hold.
+    assert _sha(generate_digits("train", 300, 64, 0)) == "e3c500d48754"
+    assert _sha(generate_digits("val", 200, 64, 0)) == "77c2216d840a"
+
+
+def test_test_split_shares_no_digit_image_with_train_or_val():
+    style = (64, 0, 3, DEFAULT_DIGIT_SCALE, 8.0, 0.5)
+    pool, ids = _digit_pool("val")
+    free = _test_pool(style, pool, ids)
+    _, test_used = _compose("test", 200, *style, pool[free], ids[free])
+    test_glyphs = pool[free][test_used].reshape(len(test_used), -1)
+    for n in (16, 200):  # a smaller val split is a prefix of the default one
+        _, val_used = _compose("val", n, *style, pool, ids)
+        val_glyphs = pool[val_used].reshape(len(val_used), -1)
+        assert not (test_glyphs[:, None] == val_glyphs[None]).all(-1).any()
+    train_pool, _ = _digit_pool("train")
+    train_glyphs = train_pool.reshape(len(train_pool), -1)
+    assert not (test_glyphs[:, None] == train_glyphs[None]).all(-1).any()
+    arrays = generate_digits("test", 40, 64, 0)
+    assert arrays.labels.sum(0).min() > 0  # every digit appears
+    assert not np.array_equal(arrays.images, generate_digits("val", 40, 64, 0).images)
+    assert len(build_dataset("digits", "test", False, 32, num_images=8)) == 8

@@ -34,6 +34,7 @@ ONE_DIM = {"ppc.tau": {"type": "float", "low": 0.05, "high": 0.5, "log": True}}
 
 
 def _recipe(space: Path, **kw) -> Recipe:
+    kw.setdefault("baseline", False)  # the baseline arm has its own tests (test_confirm.py)
     return Recipe(space=load_space(space).to_dict(), overrides=["track.trackers=[]"], **kw)
 
 
@@ -228,7 +229,8 @@ def _read_run_record(path: Path):
 def test_every_trial_is_a_wandb_run_in_the_study_group(tmp_path: Path) -> None:
     space = write_space(tmp_path / "s.yaml", params=ONE_DIM)
     url = default_url(tmp_path, "wb")
-    create("wb", url, Recipe(space=load_space(space).to_dict(), sampler="random", pruner="none"))
+    create("wb", url, Recipe(space=load_space(space).to_dict(), sampler="random", pruner="none",
+                             baseline=False))
     run_worker("wb", url, str(tmp_path), target=2, progress=False)
     for n in range(2):
         (f,) = glob.glob(str(tmp_path / f"wb/trial_{n}/seed_0/wandb/offline-run-*/*.wandb"))

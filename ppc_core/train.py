@@ -7,8 +7,11 @@ would.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +35,31 @@ EvalFn = Callable[[nn.Module], dict[str, float]]
 
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or inf; the state before the step was saved."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT arrived: the step in flight finished and a checkpoint was saved."""
+
+    def __init__(self, signal: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted by {signal} at step {step}; checkpoint {checkpoint}")
+        self.signal, self.step, self.checkpoint = signal, step, checkpoint
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[list[str]]:
+    """Collect SIGTERM / SIGINT (names, in order) instead of dying; restores the old handlers."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in old:
+        signal.signal(s, lambda num, _: received.append(signal.Signals(num).name))
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -98,8 +126,15 @@ def train(
     batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers))
     bar = tqdm(total=s.steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
-    stop, seen, tic, logs = False, 0, time.perf_counter(), {}
     model.train()
+    with _stop_on_signals() as received:
+        return _loop(accelerator, model, optimizer, objective, s, output_dir, evaluate, reporter,
+                     progress, batches, bar, received)
+
+
+def _loop(accelerator, model, optimizer, objective, s, output_dir, evaluate, reporter, progress,
+          batches, bar, received) -> TrainResult:
+    stop, seen, tic, logs = False, 0, time.perf_counter(), {}
     while progress.step < s.steps and not stop:
         step = progress.step
         for group in optimizer.param_groups:
@@ -152,9 +187,21 @@ def train(
                 progress.history.append(decision[0])
             stop = decision[1]
             model.train()
-        if step % s.checkpoint_every == 0 or step == s.steps or stop:
-            save_checkpoint(accelerator, output_dir, step)
+        interrupted = _any_rank(accelerator, bool(received))
+        if step % s.checkpoint_every == 0 or step == s.steps or stop or interrupted:
+            path = save_checkpoint(accelerator, output_dir, step)
+            if interrupted and step < s.steps and not stop:
+                bar.close()
+                raise TrainingInterrupted(received[0] if received else "SIGTERM", step, path)
     bar.close()
     last = progress.history[-1] if progress.history else {}
     return TrainResult(step=progress.step, metrics=last, history=list(progress.history),
                        stopped_early=stop, last_logs=logs)
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    # Every rank must stop at the same step, or the next collective hangs.
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, "sum").item() > 0)

@@ -14,6 +14,7 @@ i x train.steps, so the pruner sees one increasing curve per trial.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import math
 import os
@@ -23,6 +24,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +72,8 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         try:
-            return self._run(trial)
+            with _folder_lock(self.trial_dir(trial)):
+                return self._run(trial)
         except (optuna.TrialPruned, TrialInterrupted):  # the worker records these
             raise
         except Exception as err:  # recorded, then the worker marks the trial FAIL
@@ -195,6 +199,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the trial folder: two workers must never train one trial (a retry and a trial still
+    running). The heartbeat prevents that; this lock makes a breach an error, not a mix-up."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{folder} is in use by another worker (two workers on one "
+                               "trial: a heartbeat grace period shorter than a stop takes?)"
+                               ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -6,14 +6,10 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pwd
-import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,47 +77,9 @@ def test_two_workers_share_a_sqlite_study(tmp_path: Path) -> None:
     _two_workers(default_url(tmp_path, "par"), tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    initdb = bins[-1] if bins else shutil.which("initdb")
-    if not initdb:
-        pytest.skip("no PostgreSQL server binaries (initdb): `make postgres-bin` installs them")
-    bindir = Path(initdb).parent
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="ppc-pg-"))
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no `postgres` user to own the cluster")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust",
-                    "-U", "postgres", "--no-sync"], check=True, capture_output=True)
-    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", opts,
-                    "-l", str(root / "log"), "-w", "start"], check=True, capture_output=True)
-    try:
-        subprocess.run([*as_user, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
-                        "-U", "postgres", "ppc"], check=True, capture_output=True)
-        yield f"postgresql://postgres@127.0.0.1:{port}/ppc"
-    finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                        "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_two_workers_share_a_postgres_study(tmp_path: Path, postgres_url: str) -> None:
-    _two_workers(postgres_url, tmp_path)
+def test_two_workers_share_a_postgres_study(tmp_path: Path, postgres) -> None:
+    _two_workers(postgres.url, tmp_path)
 
 
 @pytest.mark.slow

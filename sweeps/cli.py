@@ -276,7 +276,7 @@ def _dispatch(args, overrides: list[str]) -> int:
         if not exists(args.study, url):
             if not args.create:  # a mistyped --study must not start a new sweep
                 raise ValueError(missing(args.study, url) + " (or add --create to `run`)")
-            create(args.study, url, recipe)
+            create(args.study, url, recipe, exist_ok=True)  # parallel `run --create`s
         else:
             _note_stored_settings(args, recipe, load(args.study, url, readonly=True)[1])
         rc = run_worker(args.study, url, args.root, args.n_trials, args.timeout, args.launcher,

@@ -207,7 +207,7 @@ def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT_S, grace: i
     URL, an unreachable server, an unwritable path) are ValueErrors of one line.
     """
     k = kind(url)
-    path = _file_path(url)
+    path, given = _file_path(url), _safe(url)
     if readonly and not storage_exists(url):
         raise ValueError(f"no storage at {path}")
     if path is not None and not readonly:
@@ -235,22 +235,26 @@ def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT_S, grace: i
         if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is None:
             raise ValueError(f"--storage {url!r} needs psycopg: pip install 'ppc-sweeps[postgres]'")
         url = _postgres_url(url)
+        # A server that vanishes mid-query (a network partition: no RST) is detected by TCP
+        # keepalives and the user timeout, not by the statement timeout (server side).
         engine = {"pool_pre_ping": True, "connect_args": {
             "connect_timeout": PG_CONNECT_TIMEOUT_S,
-            "options": f"-c statement_timeout={PG_STATEMENT_TIMEOUT_S * 1000}"}}
+            "options": f"-c statement_timeout={PG_STATEMENT_TIMEOUT_S * 1000}",
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+            "keepalives_count": 3, "tcp_user_timeout": PG_STATEMENT_TIMEOUT_S * 1000}}
     try:
         with warnings.catch_warnings():  # heartbeat and retry callback are "experimental"
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return SweepStorage(url, wait_s=wait_s, engine_kwargs=engine,
                                 skip_table_creation=readonly, **beat)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as err:  # e.g. a port that is no number
+        raise ValueError(f"--storage {given}: not a valid database URL ({err})") from None
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
         if k == "sqlite":
             raise ValueError(f"--storage {url}: cannot open {path} ({_first_line(err)}); "
                              "pick a writable path on a disk with free space") from None
-        raise ValueError(f"--storage {_safe(url)}: cannot reach PostgreSQL ({_first_line(err)});"
+        raise ValueError(f"--storage {given}: cannot reach PostgreSQL ({_first_line(err)});"
                          " check host, port, user and database, and that the server runs") from None
-    except sqlalchemy.exc.ArgumentError as err:
-        raise ValueError(f"--storage {_safe(url)}: not a database URL ({err})") from None
 
 
 def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:

@@ -156,16 +156,19 @@ def test_workers_ride_out_a_postgres_outage(tmp_path: Path, postgres) -> None:
         assert metrics["step"] == 300
 
 
-def test_status_does_not_hang_on_a_port_that_never_answers(tmp_path: Path, capsys) -> None:
+def test_status_does_not_hang_on_a_port_that_never_answers() -> None:
     with socket.socket() as server:  # the kernel completes the TCP handshake; nobody answers
         server.bind(("127.0.0.1", 0))
         server.listen(8)
         port = server.getsockname()[1]
         tic = time.monotonic()
-        rc = main(["status", "--study", "s", "--storage", f"postgresql://u@127.0.0.1:{port}/db"])
+        done = subprocess.run(  # a process of its own: a hang fails the test, not the suite
+            [sys.executable, "-m", "sweeps.cli", "status", "--study", "s", "--storage",
+             f"postgresql://u@127.0.0.1:{port}/db"], cwd=ROOT, capture_output=True, text=True,
+            timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
         took = time.monotonic() - tic
-    err = capsys.readouterr().err
-    assert rc == 2 and took < 30, took
+    err = done.stderr
+    assert done.returncode == 2 and took < 30, (took, err)
     assert err.count("\n") == 1 and "cannot reach PostgreSQL" in err and "timeout" in err.lower()
 
 

@@ -106,6 +106,8 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(tmp_path: Path) -> No
     killed, retry = trials[0], trials[1]
     assert retry.system_attrs["failed_trial"] == 0 and retry.params == killed.params
     assert retry.user_attrs["output_dir"] == killed.user_attrs["output_dir"]
+    assert killed.user_attrs["fail_reason"].startswith("stale: no heartbeat for 2 s")
+    assert "fail_reason" not in retry.user_attrs  # the completed retry has no failure
     assert "resumed from" in out and "step_0000000" in out
     metrics = json.loads((tmp_path / "kill/trial_0/seed_0/metrics.json").read_text())
     assert metrics["step"] == 6 and [h["step"] for h in metrics["history"]] == [2, 4, 6]

@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sweeps.space import SpaceError, load_space
@@ -154,12 +155,13 @@ _finished = finished
 def run_worker(study_name: str, url: str, root: str, target: int, timeout: float | None = None,
                launcher: str = "inprocess", num_processes: int = 1,
                heartbeat: int | None = DEFAULT_HEARTBEAT_S, grace: int | None = None,
-               deadline: float | None = None, progress: bool = True,
+               deadline: float | Callable[[], float] | None = None, progress: bool = True,
                db_wait: float = DEFAULT_DB_WAIT_S) -> int:
     """Run trials of an existing study until it holds `target` finished trials; returns the
     exit status (0; 130 / 143 after SIGINT / SIGTERM; 1 when the disk or database failed).
 
-    `deadline` (time.monotonic) stops before a trial that would likely overrun it.
+    `deadline` (time.monotonic, or a function returning it) stops before a trial that would
+    likely overrun it.
     `db_wait`: seconds each database call waits out an outage (PostgreSQL).
     """
     from tqdm.auto import tqdm

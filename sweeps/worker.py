@@ -203,13 +203,14 @@ class Stop(Exception):
 
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], object], target: int,
-               timeout: float | None = None, deadline: float | None = None,
+               timeout: float | None = None,
+               deadline: float | Callable[[], float] | None = None,
                on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
                retries: int | None = None) -> int:
     """Run trials until the study holds `target` finished ones; returns the exit status.
 
-    `timeout`: seconds after which no new trial starts. `deadline` (time.monotonic): no new
-    trial that the longest one so far says would overrun it.
+    `timeout`: seconds after which no new trial starts. `deadline` (time.monotonic, or a
+    function returning it): no new trial that the longest one so far says would overrun it.
     """
     storage = study._storage
     beat = has_heartbeat(storage)
@@ -230,7 +231,8 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], object],
                 now = time.monotonic()
                 if timeout is not None and now - start >= timeout:
                     return 0
-                if deadline is not None and now + longest > deadline:
+                if deadline is not None and now + longest > (
+                        deadline() if callable(deadline) else deadline):
                     return 0
                 with warnings.catch_warnings():  # "experimental"; "heartbeat without optimize"
                     warnings.simplefilter("ignore")

@@ -7,8 +7,9 @@
   works on network file systems without a database server, but has no heartbeat (below).
 
 RDB storages (SQLite, PostgreSQL) get a heartbeat: a worker killed mid-trial stops beating, and
-after `grace` seconds the next worker to start a trial marks it FAIL and re-queues its parameters
-(RetryHeartbeatStaleTrialCallback); the retry resumes from the killed trial's checkpoints.
+after `grace` seconds the next worker to start a trial marks it FAIL (with a `fail_reason`) and
+re-queues its parameters (`requeue`, Optuna's RetryHeartbeatStaleTrialCallback without carrying
+the failure over to the retry); the retry resumes from the killed trial's checkpoints.
 Journal storage cannot do that: a killed worker leaves its trial RUNNING until
 `ppc-sweep status --fail-stale SECONDS` (`fail_stale`) fails and re-queues it.
 

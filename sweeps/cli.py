@@ -24,10 +24,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sweeps.space import SpaceError, load_space
-from sweeps.storage import DEFAULT_HEARTBEAT_S, default_url, fail_stale, has_heartbeat
-from sweeps.study import PRUNERS, SAMPLERS, Recipe, create, exists, load
-
-FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+from sweeps.storage import (
+    DEFAULT_DB_WAIT_S,
+    DEFAULT_HEARTBEAT_S,
+    StorageUnavailable,
+    default_url,
+    fail_stale,
+    has_heartbeat,
+)
+from sweeps.study import PRUNERS, SAMPLERS, Recipe, create, exists, load, missing
+from sweeps.worker import finished, run_trials
 
 
 def _common(p: argparse.ArgumentParser, study: str = "ppc") -> None:
@@ -69,6 +75,8 @@ def _run_args(p: argparse.ArgumentParser, launcher: str = "inprocess") -> None:
     p.add_argument("--launcher", choices=("inprocess", "torchrun", "accelerate"), default=launcher)
     p.add_argument("--num-processes", type=int, default=1,
                    help="processes per trial (torchrun / accelerate)")
+    p.add_argument("--db-wait", type=float, default=DEFAULT_DB_WAIT_S, metavar="SECONDS",
+                   help="how long to wait out a database outage before stopping (PostgreSQL)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _recipe_args(p)
     p.add_argument("--exist-ok", action="store_true", help="load the study if it exists")
-    p = sub.add_parser("run", help="run a sweep worker (creates the study if missing)")
+    p = sub.add_parser("run", help="run a sweep worker of a study made by `create`")
     _common(p)
     _recipe_args(p)
     _run_args(p)
+    p.add_argument("--create", action="store_true",
+                   help="create the study first if it does not exist (with the recipe options)")
     p = sub.add_parser("status", help="trials by state and the best so far")
     _common(p)
     p.add_argument("--fail-stale", type=float, default=None, metavar="SECONDS",
@@ -156,7 +166,8 @@ def shown(url: str) -> str:
 
 def _recipe(args, overrides: list[str]) -> Recipe:
     space = load_space(args.space)  # every space error surfaces here, before any trial
-    return Recipe(space=space.to_dict(), sampler=args.sampler, pruner=args.pruner,
+    return Recipe(space=space.to_dict(), space_file=space.path, sampler=args.sampler,
+                  pruner=args.pruner,
                   multi_objective=args.multi_objective, preset=args.preset, seeds=args.seeds,
                   base_seed=args.base_seed, overrides=overrides, sampler_seed=args.sampler_seed,
                   prune_startup_trials=args.prune_startup_trials,
@@ -170,65 +181,69 @@ def _counts(study) -> dict[str, int]:
     return counts
 
 
-def _finished(study) -> int:
-    """Finished trials, not counting failed ones that were re-queued (their retry counts)."""
-    from sweeps.study import is_search
-
-    trials = [t for t in study.get_trials(deepcopy=False) if is_search(t)]  # not the baseline
-    retried = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
-    retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return sum(t.state.name in FINISHED and not (t.state.name == "FAIL" and t.number in retried)
-               for t in trials)
+_finished = finished
 
 
 def run_worker(study_name: str, url: str, root: str, target: int, timeout: float | None = None,
                launcher: str = "inprocess", num_processes: int = 1,
                heartbeat: int | None = DEFAULT_HEARTBEAT_S, grace: int | None = None,
                deadline: float | Callable[[], float] | None = None, progress: bool = True,
-               ) -> None:
-    """Run trials of an existing study until it holds `target` finished trials.
+               db_wait: float = DEFAULT_DB_WAIT_S) -> int:
+    """Run trials of an existing study until it holds `target` finished trials; returns the
+    exit status (0; 130 / 143 after SIGINT / SIGTERM; 1 when the disk or database failed).
 
     `deadline` (time.monotonic, or a function returning it) stops before a trial that would
     likely overrun it.
+    `db_wait`: seconds each database call waits out an outage (PostgreSQL).
     """
-    import optuna
     from tqdm.auto import tqdm
 
     from sweeps.objective import TrialRunner
 
-    study, recipe = load(study_name, url, heartbeat or None, grace)
+    study, recipe = load(study_name, url, heartbeat or None, grace, db_wait=db_wait)
     objective = TrialRunner(study_name, url, Path(root), recipe, launcher, num_processes)
     if not has_heartbeat(study._storage):
         print("warning: this storage has no heartbeat; a killed worker leaves its trial RUNNING "
               "until `ppc-sweep status --fail-stale SECONDS`", file=sys.stderr)
-    start = _finished(study)
+    start = finished(study)
+    if start >= target:
+        return 0
     bar = tqdm(total=target, initial=min(start, target), desc=f"trials ({study_name})",
                unit="trial", disable=not progress, position=1)
-    longest = [0.0]
 
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        done = _finished(study)
-        bar.update(max(0, min(done, target) - bar.n))
-        if trial.duration:
-            longest[0] = max(longest[0], trial.duration.total_seconds())
+    def on_trial(study, trial) -> None:
+        bar.update(max(0, min(finished(study), target) - bar.n))
         try:
             bar.set_postfix(best=f"{study.best_value:.4f}" if len(study.directions) == 1 else "")
         except ValueError:
             pass
-        if done >= target:
-            study.stop()
-        elif deadline is not None and time.monotonic() + longest[0] > (
-                deadline() if callable(deadline) else deadline):
-            study.stop()
 
-    if start < target:
-        try:
-            study.optimize(objective, n_trials=None, timeout=timeout, catch=(Exception,),
-                           callbacks=[callback], gc_after_trial=True)
-        finally:
-            bar.close()
-    else:
+    try:
+        return run_trials(study, objective, target, timeout, deadline, on_trial)
+    finally:
         bar.close()
+
+
+# `run` options that a study stores at `create`: for an existing study its values win.
+_STORED = {"--space": "space", "--preset": "preset", "--seeds": "seeds", "--base-seed": "base_seed",
+           "--sampler": "sampler", "--pruner": "pruner", "--multi-objective": "multi_objective",
+           "--prune-startup-trials": "prune_startup_trials",
+           "--prune-warmup-steps": "prune_warmup_steps"}
+
+
+def _note_stored_settings(args, given: Recipe, stored: Recipe) -> None:
+    """Say which of the command line's recipe options the existing study overrides."""
+    differ = []
+    for flag, key in _STORED.items():
+        if flag in args.given and getattr(given, key) != getattr(stored, key):
+            shown = stored.space_file or "its stored space" if key == "space" else \
+                getattr(stored, key)
+            differ.append(f"{flag} {shown} (not {args.space if key == 'space' else getattr(given, key)})")
+    if given.overrides and given.overrides != stored.overrides:
+        differ.append(f"overrides {stored.overrides} (not {given.overrides})")
+    if differ:
+        print(f"note: study {args.study} exists; its stored settings win: {'; '.join(differ)}. "
+              "For other settings, create a new study.", file=sys.stderr)
 
 
 def _print_status(study) -> None:
@@ -268,6 +283,7 @@ def _report(study, out: Path, wandb: bool) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    args.given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     try:
         return _dispatch(args, overrides)
     except (SpaceError, ValueError) as err:
@@ -275,9 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ppc-sweep {args.command}: error: {str(err).replace(url, shown(url))}",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the running trial was recorded FAIL (its checkpoints stay); "
-              "the study is consistent. Run the same command to continue the sweep.", file=sys.stderr)
+    except StorageUnavailable as err:
+        print(f"ppc-sweep {args.command}: error: {err}; run it again when the database is back",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # outside a worker (which handles its own signals)
+        print(f"\nppc-sweep {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
@@ -291,22 +310,25 @@ def _dispatch(args, overrides: list[str]) -> int:
     if cmd == "run":
         recipe = _recipe(args, overrides)  # a bad space fails here, before any storage I/O
         if not exists(args.study, url):
-            create(args.study, url, recipe, exist_ok=True)
-        elif overrides:
-            print("note: the study exists; its recipe's overrides apply, not these", file=sys.stderr)
-        run_worker(args.study, url, args.root, args.n_trials, args.timeout, args.launcher,
-                   args.num_processes, args.heartbeat, args.grace)
-        _print_status(load(args.study, url, None)[0])
-        return 0
+            if not args.create:  # a mistyped --study must not start a new sweep
+                raise ValueError(missing(args.study, url) + " (or add --create to `run`)")
+            create(args.study, url, recipe, exist_ok=True)  # parallel `run --create`s
+        else:
+            _note_stored_settings(args, recipe, load(args.study, url, readonly=True)[1])
+        rc = run_worker(args.study, url, args.root, args.n_trials, args.timeout, args.launcher,
+                        args.num_processes, args.heartbeat, args.grace, db_wait=args.db_wait)
+        if rc == 0:
+            _print_status(load(args.study, url, readonly=True)[0])
+        return rc
     if cmd == "status":
-        study, _ = load(args.study, url, None)
+        study, _ = load(args.study, url, readonly=True)
         if args.fail_stale is not None:
             failed = fail_stale(study, args.fail_stale)
             print(f"failed and re-queued stale trials: {failed}")
         _print_status(study)
         return 0
     if cmd == "report":
-        study, _ = load(args.study, url, None)
+        study, _ = load(args.study, url, readonly=True)
         out = Path(args.out or Path(args.root, args.study, "report"))
         print(f"report: {_report(study, out, not args.no_wandb)}")
         return 0
@@ -321,8 +343,8 @@ def _dispatch(args, overrides: list[str]) -> int:
         from sweeps.storage import open_storage
 
         print(f"optuna-dashboard on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-        run_server(open_storage(url, heartbeat=None), host="127.0.0.1", port=args.port,
-                   artifact_store=artifact_store(args.root, args.study))
+        run_server(open_storage(url, heartbeat=None, readonly=True), host="127.0.0.1",
+                   port=args.port, artifact_store=artifact_store(args.root, args.study))
         return 0
     return _demo(args, overrides, url)
 
@@ -413,8 +435,10 @@ def _demo(args, overrides: list[str], url: str) -> int:
     print(f"demo: study {args.study} in {shown(url)}; the baseline and up to {args.n_trials} trials, "
           f"then confirm on {args.confirm_seeds} fresh seeds, in {args.budget:.0f} s "
           "(digits, CPU)")
-    run_worker(args.study, url, args.root, target, launcher="inprocess",
-               heartbeat=args.heartbeat, grace=args.grace, deadline=sweep_deadline)
+    rc = run_worker(args.study, url, args.root, target, launcher="inprocess",
+                    heartbeat=args.heartbeat, grace=args.grace, deadline=sweep_deadline)
+    if rc:
+        return rc
     from sweeps.confirm import run_confirm, verdict_markdown
 
     print(f"\nconfirm: the best configuration vs the baseline, {args.confirm_seeds} fresh seeds, "

@@ -15,6 +15,7 @@ i x train.steps, so the pruner sees one increasing curve per trial.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import math
 import os
@@ -24,6 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +34,13 @@ import optuna
 
 from experiments.config import RunConfig, compose_config
 from ppc_core.checkpoint import latest_checkpoint
+from ppc_core.train import TrainingInterrupted
 from sweeps.space import format_value
 from sweeps.storage import retried_from
 from sweeps.study import BASELINE, METRIC, ROLE, Recipe
+from sweeps.trial_main import EXIT_INTERRUPTED, INTERRUPTED_FILE
 from sweeps.trial_reporter import STEP_OFFSET_ENV, report_to
+from sweeps.worker import TrialInterrupted, WorkerStop, interruptible
 
 LAUNCHERS = ("inprocess", "torchrun", "accelerate")
 
@@ -68,10 +74,11 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         try:
-            return self._run(trial)
-        except optuna.TrialPruned:
+            with _folder_lock(self.trial_dir(trial)):
+                return self._run(trial)
+        except (optuna.TrialPruned, TrialInterrupted):  # the worker records these
             raise
-        except BaseException as err:  # recorded, then Optuna marks the trial FAIL
+        except Exception as err:  # recorded, then the worker marks the trial FAIL
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
             raise
 
@@ -177,7 +184,13 @@ class TrialRunner:
         return report_to(lambda: None if self.multi else trial, offset)
 
     def _inprocess(self, cfg: RunConfig, trial: optuna.Trial, offset: int) -> dict:
-        return self._train(cfg, self._reporter(trial, offset))
+        # A lost heartbeat stops the trial the way `docker stop` would: SIGTERM to this process
+        # (the training loop checkpoints and raises TrainingInterrupted).
+        with interruptible(lambda: os.kill(os.getpid(), signal.SIGTERM)):
+            try:
+                return self._train(cfg, self._reporter(trial, offset))
+            except TrainingInterrupted as err:
+                raise TrialInterrupted(err.signal, err.step, err.checkpoint) from None
 
     def command(self, overrides: list[str], number: int) -> list[str]:
         n = str(self.num_processes)
@@ -195,18 +208,36 @@ class TrialRunner:
                     offset: int) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.json").unlink(missing_ok=True)
+        marker = run_dir / INTERRUPTED_FILE
+        marker.unlink(missing_ok=True)
         env = {**os.environ, STEP_OFFSET_ENV: str(offset), "PYTHONUNBUFFERED": "1"}
         env.setdefault("OMP_NUM_THREADS", "1")  # one thread per CPU rank, or ranks fight
         log = run_dir / "launcher.log"
         with open(log, "ab") as sink:
+            # Its own process group: a terminal's Ctrl-C reaches the worker only, which forwards
+            # it once (ranks that got it twice, from the terminal and the launcher, could not
+            # tell a second Ctrl-C from the first).
             proc = subprocess.Popen(self.command(overrides, trial.number), stdout=sink,
-                                    stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                                    stderr=subprocess.STDOUT, env=env, process_group=0,
+                                    preexec_fn=_die_with_parent)
             try:
-                rc = proc.wait()
-            except BaseException:  # Ctrl-C or an error here: never leave ranks behind
-                proc.terminate()
-                proc.wait()
+                with interruptible(lambda: proc.send_signal(signal.SIGTERM)):
+                    rc = proc.wait()
+            except WorkerStop as stop:  # forward: the launcher passes it on, ranks checkpoint
+                proc.send_signal(signal.Signals[stop.signal])
+                try:
+                    rc = proc.wait()
+                except BaseException:  # a second signal: stop now
+                    _kill_group(proc)
+                    raise
+            except BaseException:  # an error here: never leave ranks behind
+                _kill_group(proc)
                 raise
+        if marker.is_file() or rc == EXIT_INTERRUPTED:
+            info = json.loads(marker.read_text()) if marker.is_file() else {}
+            ckpt = latest_checkpoint(run_dir)
+            raise TrialInterrupted(info.get("signal", "SIGTERM"), info.get("step"),
+                                   Path(info["checkpoint"]) if "checkpoint" in info else ckpt)
         if rc != 0:
             tail = log.read_text(errors="replace").splitlines()[-15:]
             raise RuntimeError(f"{self.launcher} exited with {rc}; end of {log}:\n"
@@ -239,6 +270,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the trial folder: two workers must never train one trial (a retry and a trial still
+    running). The heartbeat prevents that; this lock makes a breach an error, not a mix-up."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{folder} is in use by another worker (two workers on one "
+                               "trial: a heartbeat grace period shorter than a stop takes?)"
+                               ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _die_with_parent() -> None:

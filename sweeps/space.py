@@ -329,3 +329,41 @@ def _check_field(where: str, at: str, name: str, value: Any) -> None:
     if not ok:
         raise SpaceError(f"{where}: {at}: {name} is a {type(default).__name__} field, "
                          f"got {value!r}")
+
+
+def check_bounds(space: Space, preset: str, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Every fixed value and both ends of every dimension lie in the config fields' allowed
+    ranges: the config is composed and validated (`experiments.config`, the one place that knows
+    the ranges) with every dimension at its low end, at its high end, and with each categorical
+    choice once. A sample that breaks a rule between two dimensions can still fail its trial."""
+    from experiments.config import ConfigError, compose_config
+
+    rounds = max([2] + [len(d.choices) for d in space.params if d.type == "categorical"])
+    for k in range(rounds):
+        sample = {d.name: _end(d, k) for d in space.params}
+        try:
+            compose_config(preset, [*overrides, *space.overrides(sample)])
+        except ConfigError as err:
+            raise SpaceError(_out_of_range(space, sample, str(err), preset)) from None
+
+
+def _end(d: Dimension, k: int) -> Any:
+    if d.type == "categorical":
+        return d.choices[min(k, len(d.choices) - 1)]
+    value = d.low if k % 2 == 0 else d.high
+    return int(value) if d.type == "int" else value
+
+
+def _out_of_range(space: Space, sample: dict[str, Any], message: str, preset: str) -> str:
+    message = message.removeprefix("invalid config: ")
+    for name, value in space.fixed.items():
+        if message.startswith(f"{name} "):
+            return f"{space.path}: fixed.{name} = {value!r} is outside the allowed range: {message}"
+    for d in space.params:
+        for target in d.targets or (d.name,):
+            if message.startswith(f"{target} "):
+                end = ("choice" if d.type == "categorical"
+                       else "low" if sample[d.name] == d.low else "high")
+                return (f"{space.path}: params.{d.name} ({end} {sample[d.name]!r}) is outside "
+                        f"the allowed range: {message}")
+    return f"{space.path}: with preset {preset} and the overrides, the config is invalid: {message}"

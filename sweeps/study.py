@@ -18,9 +18,10 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 import optuna
+import sqlalchemy.exc
 
-from sweeps.space import Space, parse_space
-from sweeps.storage import open_storage
+from sweeps.space import Space, check_bounds, parse_space
+from sweeps.storage import open_storage, storage_exists
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")
 PRUNERS = ("median", "hyperband", "none")
@@ -124,9 +125,10 @@ class Recipe:
     prune_startup_trials: int = 2
     prune_warmup_steps: int = 0
     baseline: bool = True  # enqueue the control arm (CAM only) at create
+    space_file: str = ""  # where the space came from, for error messages
 
     def parsed_space(self) -> Space:
-        return parse_space(self.space, "<study space>")
+        return parse_space(self.space, self.space_file or "<study space>")
 
     def check(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -149,6 +151,7 @@ class Recipe:
         if clash:
             raise ValueError(f"overrides {sorted(clash)} are also dimensions or fixed values of the"
                              " space; drop them from the command line or from the space")
+        check_bounds(space, self.preset, self.overrides)
 
 
 def make_sampler(recipe: Recipe, seed: int | None = None) -> optuna.samplers.BaseSampler:
@@ -210,16 +213,30 @@ def create(name: str, storage_url: str, recipe: Recipe, heartbeat: int | None = 
     return study
 
 
+def missing(name: str, storage_url: str, known: list[str] | None = None) -> str:
+    """The error for a study that is not there, with the way to create it."""
+    there = f"; studies there: {known}" if known else ""
+    return (f"no study {name!r} in {storage_url}{there}. Create it first: ppc-sweep create "
+            f"--study {name} --storage {storage_url} --space SPACE --preset PRESET [-- overrides]")
+
+
 def load(name: str, storage_url: str, heartbeat: int | None = None, grace: int | None = None,
-         sampler_seed: int | None = None) -> tuple[optuna.Study, Recipe]:
-    """Load study `name` and its recipe, with the sampler and pruner the recipe names."""
-    storage = open_storage(storage_url, heartbeat, grace)
+         sampler_seed: int | None = None, *, readonly: bool = False, db_wait: float = 0,
+         ) -> tuple[optuna.Study, Recipe]:
+    """Load study `name` and its recipe, with the sampler and pruner the recipe names.
+
+    `readonly`: never create the storage (status, report). `db_wait`: see `open_storage`.
+    """
+    if not storage_exists(storage_url):
+        raise ValueError(missing(name, storage_url))
+    storage = open_storage(storage_url, heartbeat, grace, readonly=readonly, wait_s=db_wait)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise ValueError(f"no study {name!r} in {storage_url}; studies there: {names}. "
-                         "Create it first: ppc-sweep create --study NAME ...") from None
+        raise ValueError(missing(name, storage_url, names)) from None
+    except (sqlalchemy.exc.ProgrammingError, optuna.exceptions.StorageInternalError):
+        raise ValueError(missing(name, storage_url)) from None  # a database without tables
     attrs = study.user_attrs.get(_RECIPE_KEY)
     if attrs is None:
         raise ValueError(f"study {name!r} was not created by ppc-sweep (no recipe attribute)")
@@ -230,5 +247,11 @@ def load(name: str, storage_url: str, heartbeat: int | None = None, grace: int |
 
 
 def exists(name: str, storage_url: str) -> bool:
-    storage = open_storage(storage_url, heartbeat=None)
-    return any(s.study_name == name for s in optuna.get_all_study_summaries(storage))
+    """Whether study `name` is in the storage (creates nothing)."""
+    try:
+        load(name, storage_url, readonly=True)
+    except ValueError as err:
+        if str(err).startswith(f"no study {name!r}"):
+            return False
+        raise
+    return True

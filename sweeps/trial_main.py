@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from pathlib import Path
 
 from experiments.config import compose_config
-from experiments.train import run
-from sweeps.trial_reporter import make_reporter
+from ppc_core.train import TrainingInterrupted
+
+# SIGTERM / SIGINT stopped the run at a checkpoint: the launching worker re-queues the trial.
+# The launcher (torchrun) may not pass a rank's exit status on, so rank 0 also leaves a note.
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL
+INTERRUPTED_FILE = "interrupted.json"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,8 +32,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="digits")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
     args = parser.parse_args(argv)
+    from experiments.train import run
+    from sweeps.trial_reporter import make_reporter
+
     cfg = compose_config(args.preset, args.overrides)
-    metrics = run(cfg, make_reporter(args.storage, args.study, args.number))
+    try:
+        metrics = run(cfg, make_reporter(args.storage, args.study, args.number))
+    except TrainingInterrupted as err:
+        if os.environ.get("RANK", "0") == "0":
+            note = {"signal": err.signal, "step": err.step, "checkpoint": str(err.checkpoint)}
+            Path(cfg.train.output_dir, INTERRUPTED_FILE).write_text(json.dumps(note))
+        print(f"{err}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "last_logs")},
                      indent=2))
 

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable
 
 import optuna
 
-from sweeps.storage import open_storage
+from sweeps.storage import (
+    StorageUnavailable,
+    is_connection_error,
+    open_storage,
+    without_waiting,
+)
 
 METRIC = "cam_miou"
 # Set by the sweep's subprocess launcher: trials of several seeds report seed i's steps shifted by
@@ -56,11 +62,21 @@ def report_to(get_trial: Callable[[], optuna.Trial | None], step_offset: int = 0
     a multi-objective study, which cannot prune), then the pruner's verdict."""
 
     def report(step: int, metrics: dict[str, float]) -> bool:
-        t = get_trial()
-        value = float(metrics.get(METRIC, math.nan))
-        if t is None or not math.isfinite(value):
+        # Training never waits for the database: in an outage this report is skipped (pruning
+        # sees a gap) and the worker's heartbeat decides whether the trial must stop.
+        try:
+            with without_waiting():
+                t = get_trial()
+                value = float(metrics.get(METRIC, math.nan))
+                if t is None or not math.isfinite(value):
+                    return False
+                t.report(value, step + step_offset)
+                return t.should_prune()
+        except Exception as err:
+            if not isinstance(err, StorageUnavailable) and not is_connection_error(err):
+                raise
+            print(f"step {step}: not reported to the study (database unreachable); training "
+                  "goes on", file=sys.stderr, flush=True)
             return False
-        t.report(value, step + step_offset)
-        return t.should_prune()
 
     return report

@@ -6,14 +6,10 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pwd
-import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -82,47 +78,9 @@ def test_two_workers_share_a_sqlite_study(tmp_path: Path) -> None:
     _two_workers(default_url(tmp_path, "par"), tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    initdb = bins[-1] if bins else shutil.which("initdb")
-    if not initdb:
-        pytest.skip("no PostgreSQL server binaries (initdb): `make postgres-bin` installs them")
-    bindir = Path(initdb).parent
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="ppc-pg-"))
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no `postgres` user to own the cluster")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust",
-                    "-U", "postgres", "--no-sync"], check=True, capture_output=True)
-    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", opts,
-                    "-l", str(root / "log"), "-w", "start"], check=True, capture_output=True)
-    try:
-        subprocess.run([*as_user, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
-                        "-U", "postgres", "ppc"], check=True, capture_output=True)
-        yield f"postgresql://postgres@127.0.0.1:{port}/ppc"
-    finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                        "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_two_workers_share_a_postgres_study(tmp_path: Path, postgres_url: str) -> None:
-    _two_workers(postgres_url, tmp_path)
+def test_two_workers_share_a_postgres_study(tmp_path: Path, postgres) -> None:
+    _two_workers(postgres.url, tmp_path)
 
 
 @pytest.mark.slow
@@ -149,6 +107,8 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(tmp_path: Path) -> No
     killed, retry = trials[0], trials[1]
     assert retry.system_attrs["failed_trial"] == 0 and retry.params == killed.params
     assert retry.user_attrs["output_dir"] == killed.user_attrs["output_dir"]
+    assert killed.user_attrs["fail_reason"].startswith("stale: no heartbeat for 2 s")
+    assert "fail_reason" not in retry.user_attrs  # the completed retry has no failure
     assert "resumed from" in out and "step_0000000" in out
     metrics = json.loads((tmp_path / "kill/trial_0/seed_0/metrics.json").read_text())
     assert metrics["step"] == 6 and [h["step"] for h in metrics["history"]] == [2, 4, 6]

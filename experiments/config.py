@@ -105,12 +105,18 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
-    cpu: bool = False  # force CPU even where a GPU exists
+    # Train on CPU even where a GPU exists; required to run on CPU where GPUs were expected
+    # (CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES set) but CUDA is not available.
+    cpu: bool = False
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
     output_dir: str = "runs/train"
     resume: bool = True  # continue from output_dir's last checkpoint when one exists
+    # How long a process waits in a collective for the others (gradient sync, evaluation's
+    # reduce, checkpoint barriers) before the run fails; covers rank 0's extra work (logging,
+    # the sweep's report, checkpoint writes).
+    dist_timeout_s: int = 1800
 
     def check(self) -> None:
         _at_least("steps", self.steps, 1)
@@ -119,6 +125,7 @@ class TrainConfig:
         _one_of("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _at_least("log_every", self.log_every, 1)
         _at_least("checkpoint_every", self.checkpoint_every, 1)
+        _at_least("dist_timeout_s", self.dist_timeout_s, 1)
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
 

@@ -16,17 +16,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ppc_core.checkpoint import latest_checkpoint, save_checkpoint
-from ppc_core.data.sampler import StepBatchSampler
+from ppc_core.data.sampler import step_batches
 from ppc_core.objective import Objective
 from ppc_core.schedules import poly_lr, ppc_ramp
+from ppc_core.seeding import step_seeds
 
 # (step, metrics) -> True to stop the run now (a sweep's pruner decided).
 Reporter = Callable[[int, dict[str, float]], bool]
-# model -> metrics, run on the main process only.
+# model -> metrics, run on every process (each evaluates its share and the counts are reduced),
+# the same global metrics on each.
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 
@@ -93,9 +95,9 @@ def train(
     if resume and (ckpt := latest_checkpoint(output_dir)) is not None:
         accelerator.load_state(str(ckpt))
         accelerator.print(f"resumed from {ckpt} at step {progress.step}")
-    sampler = StepBatchSampler(len(dataset), batch_size, s.seed, progress.step * s.grad_accum,
-                               accelerator.process_index, accelerator.num_processes)
-    batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers))
+    rank, on_gpu = accelerator.process_index, accelerator.device.type == "cuda"
+    batches = step_batches(dataset, batch_size, s.seed, progress.step * s.grad_accum, rank,
+                           accelerator.num_processes, num_workers, pin_memory=on_gpu)
     bar = tqdm(total=s.steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
     stop, seen, tic, logs = False, 0, time.perf_counter(), {}
@@ -106,12 +108,13 @@ def train(
             group["lr"] = poly_lr(step, s.steps, s.base_lr, s.poly_power) * group["lr_mult"]
         scale = ppc_ramp(step, s.ppc_start, s.ppc_ramp)
         for micro in range(s.grad_accum):
-            # Seeding by step makes augmentation and PPC's sampling independent of resumption.
-            torch.manual_seed(s.seed * 1_000_003 + step * s.grad_accum + micro)
+            # Seeds of (seed, step, rank): resumption replays them, ranks draw differently.
+            augment_seed, sampling_seed = step_seeds(s.seed, step, micro, rank, s.grad_accum)
+            torch.manual_seed(augment_seed)
             batch = next(batches)
-            images = batch["image"].to(accelerator.device)
-            labels = batch["label"].to(accelerator.device)
-            gen = torch.Generator().manual_seed(s.seed * 7919 + step * s.grad_accum + micro)
+            images = batch["image"].to(accelerator.device, non_blocking=on_gpu)
+            labels = batch["label"].to(accelerator.device, non_blocking=on_gpu)
+            gen = torch.Generator().manual_seed(sampling_seed)
             with accelerator.accumulate(model):
                 terms = objective(model, images, labels, scale, gen)
                 loss = sum(terms.values())
@@ -138,19 +141,18 @@ def train(
             accelerator.log(logs, step=step)
             bar.set_postfix(loss=f"{float(total):.3f}")
         if step % s.eval_every == 0 or step == s.steps:
-            decision = [None, False]
+            # Every rank evaluates its share and gets the global metrics (EvalFn).
+            metrics = {"step": step, **evaluate(accelerator.unwrap_model(model))}
+            progress.history.append(metrics)
+            decision = [False]
             if accelerator.is_main_process:
-                metrics = {"step": step, **evaluate(accelerator.unwrap_model(model))}
-                progress.history.append(metrics)
                 bar.write(f"step {step}: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "step"},
                                 step=step)
-                decision = [metrics, bool(reporter and reporter(step, metrics))]
-            broadcast_object_list(decision)  # every rank stops together and keeps the history
-            if not accelerator.is_main_process:
-                progress.history.append(decision[0])
-            stop = decision[1]
+                decision = [bool(reporter and reporter(step, metrics))]
+            broadcast_object_list(decision)  # every rank stops together
+            stop = decision[0]
             model.train()
         if step % s.checkpoint_every == 0 or step == s.steps or stop:
             save_checkpoint(accelerator, output_dir, step)

@@ -21,7 +21,7 @@ class _ConvCAM(nn.Module):
         torch.manual_seed(seed)
         self.conv = nn.Conv2d(3, num_classes + 1, kernel, padding=kernel // 2, bias=False)
 
-    def forward(self, x: Tensor) -> _Out:
+    def forward(self, x: Tensor, project: bool = True, refine: bool = True) -> _Out:
         return _Out(F.avg_pool2d(self.conv(x), 2))
 
 

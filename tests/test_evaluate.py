@@ -204,3 +204,37 @@ def test_absent_class_reported_as_none():
 def test_evaluate_rejects_wrong_num_classes():
     with pytest.raises(ValueError, match="num_classes"):
         evaluate(_TruthCAM(), _loader(), 3, progress=False)
+
+
+def test_the_runs_evaluation_does_not_depend_on_mixed_precision(tmp_path):
+    """Accelerate patches the training autocast onto a mixed-precision model's forward; the
+    run's evaluation (experiments.train.eval_fn) must not inherit it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from experiments.config import compose_config
+    from experiments.train import eval_fn
+    from ppc_core.models import build_model
+
+    cfg = compose_config("digits", ["train.cpu=true", "data.eval_images=8", "eval.batch_size=4",
+                                    "track.trackers=[]", f"train.output_dir={tmp_path}"])
+    results, cams = {}, {}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for precision in ("no", "bf16"):
+        try:
+            acc = Accelerator(cpu=True, mixed_precision=precision)
+            torch.manual_seed(0)
+            model = acc.prepare(build_model("cnn4", 10))
+            last: list[EvalResult] = []
+            eval_fn(cfg, acc, last)(model)
+            results[precision] = last[0]
+            with torch.no_grad():  # eval mode: a train-mode forward would move BN statistics
+                cams[precision] = model.eval()(x).cam.float()
+        finally:
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
+    assert not torch.equal(cams["no"], cams["bf16"])  # training's forward does run in bf16
+    assert results["bf16"].threshold_mious == results["no"].threshold_mious
+    torch.testing.assert_close(results["bf16"].samples["cams"], results["no"].samples["cams"],
+                               rtol=0, atol=0)
+    assert results["no"].num_images == 8

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from experiments.config import compose_config
-from experiments.train import build_training
+from experiments.train import build_training, find_unused_parameters
 from ppc_core.losses.ppc import PPCConfig, PPCLoss
 from tests._dist_ppc_worker import global_batch
 from tests.conftest import tiny_overrides
@@ -89,13 +89,18 @@ def test_ranks_draw_different_augmentations_and_replay_them_on_resume(tmp_path):
     assert not torch.isclose(r0["sampling"], r1["sampling"]).all(dim=1).any()
 
 
-@pytest.mark.parametrize("seam", [False, True])
-def test_pcm_with_and_without_seam_trains_every_parameter_on_two_ranks(tmp_path, seam):
+@pytest.mark.parametrize("seam, ppc_start", [(False, 0), (True, 0), (False, 1)])
+def test_pcm_with_and_without_seam_trains_every_parameter_on_two_ranks(tmp_path, seam,
+                                                                        ppc_start):
+    # ppc_start 0: every parameter has a gradient at every step, DDP searches for none;
+    # ppc_start 1: the projector has none at step 0, DDP must search (find_unused_parameters)
     extra = ("model.pcm=true", f"loss.seam={str(seam).lower()}", "train.steps=3",
-             "train.checkpoint_every=3", "eval.every=3", "optim.name=sgd", "optim.lr=0.05")
+             "train.checkpoint_every=3", "eval.every=3", "optim.name=sgd", "optim.lr=0.05",
+             f"loss.ppc_start_step={ppc_start}")
     proc = _train(tmp_path / "run", *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = compose_config("digits", tiny_overrides(tmp_path / "run", *extra))
+    assert find_unused_parameters(cfg) == (ppc_start > 0)
     torch.manual_seed(cfg.train.seed)  # what set_seed gives the model at the start of the run
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -128,8 +128,9 @@ def eval_fn(cfg: RunConfig, accelerator: Accelerator, last: list[EvalResult]) ->
 
     def evaluate_model(model: nn.Module) -> dict[str, float]:
         net = _Float32Forward(accelerator.unwrap_model(model))
-        result = evaluate(net, loader, info.num_classes, e.scales, e.flip, e.bg_threshold,
-                          num_samples=e.num_samples, device=accelerator.device,
+        result = evaluate(net, loader, info.num_classes, scales=e.scales, flip=e.flip,
+                          bg_threshold=e.bg_threshold, num_samples=e.num_samples,
+                          device=accelerator.device,
                           progress=accelerator.is_local_main_process,
                           reduce=(lambda t: accelerator.reduce(t, "sum")) if several else None)
         last[:] = [result]

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -216,28 +217,21 @@ def evaluate(
     model: nn.Module,
     loader: Iterable[dict],
     num_classes: int,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = True,
-    bg_threshold: float = 0.2,
     thresholds: Tensor | None = None,
-    max_batches: int | None = None,
-    num_samples: int = 8,
-    progress: bool = True,
-    device: torch.device | str | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
-    ignore_index: int = 255,
+    **options: Any,
 ) -> EvalResult:
     """CAM mIoU (best background threshold) and pseudo-mask mIoU: `accumulate` over this
     process's loader, `reduce` the counts over processes, `summarise`.
 
     reduce: sums a tensor over processes (e.g. accelerator.reduce(t, "sum")); every process then
-        returns the global scores. Give each process its share of the split (sampler.eval_shard):
+        returns the global scores. Give each process its share of the split (sampler.EvalShard):
         the counts are integers, so any split of the images gives the one-process scores exactly.
-    See `accumulate` for the other arguments.
+    options: `accumulate`'s keyword arguments (scales, flip, bg_threshold, max_batches,
+        num_samples, progress, device, ignore_index).
     """
     thresholds = _thresholds(thresholds)
-    counts = accumulate(model, loader, num_classes, scales, flip, bg_threshold, thresholds,
-                        max_batches, num_samples, progress, device, ignore_index)
+    counts = accumulate(model, loader, num_classes, thresholds=thresholds, **options)
     if reduce is not None:
         counts = counts.reduced(reduce)
     return summarise(counts, thresholds)

@@ -52,8 +52,8 @@ if __name__ == "__main__":
             SlowCAMNet.delay = 0.0
             full = torch.utils.data.DataLoader(
                 build_dataset("digits", "val", False, 64, num_images=16), batch_size=2)
-            alone = evaluate(model, full, 10, (1.0,), True, cfg.eval.bg_threshold,
-                             progress=False)
+            alone = evaluate(model, full, 10, scales=(1.0,), flip=True,
+                             bg_threshold=cfg.eval.bg_threshold, progress=False)
             (out / "eval.json").write_text(json.dumps(
                 {"sharded": _scores(last[0]), "alone": _scores(alone), "metrics": metrics}))
     else:

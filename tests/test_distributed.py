@@ -32,9 +32,10 @@ def _device_overrides() -> list[str]:
     return [] if torch.cuda.device_count() >= 2 else ["train.cpu=true"]
 
 
-def _train(out, *extra: str) -> subprocess.CompletedProcess:
+def _train(out, *extra: str, cpu: bool = False) -> subprocess.CompletedProcess:
+    devices = ["train.cpu=true"] if cpu else _device_overrides()
     return subprocess.run([*TORCHRUN, "-m", "experiments.train",
-                           *tiny_overrides(out, *_device_overrides(), *extra)],
+                           *tiny_overrides(out, *devices, *extra)],
                           env=_env(), capture_output=True, text=True)
 
 
@@ -54,7 +55,7 @@ def test_two_ranks_compute_the_single_process_prototypes(tmp_path):
 
 def test_two_process_training_run_finishes_reports_once_and_resumes_exactly(tmp_path):
     out = tmp_path / "ddp"
-    proc = _train(out, "train.steps=4", "eval.every=2")
+    proc = _train(out, "train.steps=4", "eval.every=2", cpu=True)  # bit-exact: CPU ranks
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 4 and len(metrics["history"]) == 2
@@ -66,7 +67,7 @@ def test_two_process_training_run_finishes_reports_once_and_resumes_exactly(tmp_
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     (resumed / "metrics.json").unlink()
-    proc = _train(resumed, "train.steps=4", "eval.every=2")
+    proc = _train(resumed, "train.steps=4", "eval.every=2", cpu=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
     again = json.loads((resumed / "metrics.json").read_text())

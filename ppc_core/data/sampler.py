@@ -3,8 +3,10 @@ functions of (seed, m, rank), wherever it is loaded (main process or DataLoader 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -84,7 +86,10 @@ class _SeededBatches(Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         # step_seeds(seed, m) is micro-step m's seed whatever the accumulation (step * accum + micro)
-        torch.manual_seed(step_seeds(self.seed, keys[0][0], rank=self.rank)[0])
+        seed = step_seeds(self.seed, keys[0][0], rank=self.rank)[0]
+        torch.manual_seed(seed)  # torchvision's transforms draw from torch
+        random.seed(seed)  # and a data set's own augmentation may draw from these two
+        np.random.seed(seed % 2**32)
         return [self.dataset[i] for _, i in keys]
 
     def __getitem__(self, key: tuple[int, int]):  # noqa: ANN204 (the wrapped data set's item)

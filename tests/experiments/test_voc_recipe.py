@@ -37,7 +37,8 @@ def test_voc_seam_ppc_on_a_voc_shaped_folder_evaluates_twice_and_resumes(voc_lik
         return [f"data.root={voc_like_root}", "data.crop_size=64", "data.target_size=32",
                 f"data.num_workers={workers}", "model.backbone=resnet18", "model.pretrained=",
                 "model.freeze_bn=false", "train.steps=4", "train.batch_size=2",
-                "train.mixed_precision=no", "train.checkpoint_every=2", "eval.every=2",
+                "train.mixed_precision=no", "train.cpu=true",  # bit-exact resumption: CPU
+                "train.checkpoint_every=2", "eval.every=2",
                 "eval.scales=[1.0,0.5]", "eval.max_batches=5", "eval.num_samples=5",
                 f"train.output_dir={out}", "track.trackers=[]"]
 

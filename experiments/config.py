@@ -107,7 +107,9 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
-    cpu: bool = False  # force CPU even where a GPU exists
+    # Train on CPU even where a GPU exists; required to run on CPU where GPUs were expected
+    # (CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES set) but CUDA is not available.
+    cpu: bool = False
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -116,6 +118,10 @@ class TrainConfig:
     # Continue from output_dir's last checkpoint (of the same identity: else an error); false
     # moves a previous run in output_dir aside into output_dir/previous/<time>/ and starts anew.
     resume: bool = True
+    # How long a process waits in a collective for the others (gradient sync, evaluation's
+    # reduce, checkpoint barriers) before the run fails; covers rank 0's extra work (logging,
+    # the sweep's report, checkpoint writes).
+    dist_timeout_s: int = 1800
 
     def check(self) -> None:
         _at_least("steps", self.steps, 1)
@@ -124,6 +130,7 @@ class TrainConfig:
         _one_of("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _at_least("log_every", self.log_every, 1)
         _at_least("checkpoint_every", self.checkpoint_every, 1)
+        _at_least("dist_timeout_s", self.dist_timeout_s, 1)
 
 
 @dataclass
@@ -198,7 +205,7 @@ def _in_range(name: str, value: float, lo: float, hi: float, hi_open: bool = Fal
 # part of the identity; `eval.every` too, since it decides the reported history and the steps at
 # which a sweep's pruner may stop the run.
 NOT_IN_IDENTITY = ("train.output_dir", "train.resume", "train.log_every",
-                   "train.checkpoint_every", "track.", "eval.num_samples")
+                   "train.checkpoint_every", "train.dist_timeout_s", "track.", "eval.num_samples")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -20,8 +20,9 @@ def infer_cams(
 ) -> Tensor:
     """Foreground CAMs summed over scales and flips, max-normalised per image and class.
 
-    model: maps (B, 3, h, w) to an object whose .cam is (B, C+1, h', w'), channel 0 background;
-        run in whatever train/eval mode the caller set.
+    model: model(x, project=False, refine=False) maps (B, 3, h, w) to an object whose .cam is
+        (B, C+1, h', w'), channel 0 background (CAMNet's flags: CAMs need neither the projector
+        nor PCM, so neither runs at any scale); run in whatever train/eval mode the caller set.
     images: (B, 3, H, W)
     returns: (B, C, H, W) in [0, 1) (divided by max + 1e-5; an all-zero class stays 0).
     """
@@ -39,7 +40,7 @@ def infer_cams(
         if flip:
             # one forward pass for both orientations
             x = torch.cat([x, x.flip(-1)], dim=0)
-        cam = model(x).cam
+        cam = model(x, project=False, refine=False).cam
         if cam.ndim != 4 or cam.shape[0] != x.shape[0] or cam.shape[1] < 2:
             raise ValueError(
                 f"cam.infer_cams: model(x).cam must be (B, C+1, h, w) with C >= 1, "

@@ -6,15 +6,23 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ppc_core.cam import cams_to_masks, infer_cams
 from ppc_core.metrics import confusion_matrix, iou_per_class, threshold_confusions
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["EvalCounts", "EvalResult", "accumulate", "evaluate", "summarise", "threshold_grid"]
+
+
+def threshold_grid() -> Tensor:
+    """The background thresholds swept for cam_miou: 0.00, 0.01, ..., 0.59 (the reference's
+    CAM evaluation "curve")."""
+    return torch.arange(0.0, 0.595, 0.01)
 
 
 @dataclass
@@ -27,7 +35,8 @@ class EvalResult:
     threshold_mious: mIoU for each swept threshold, in the order of `thresholds`.
     num_images: images evaluated (over all processes when a reduce is given).
     samples: CPU tensors of the first items: "images" (N,3,H,W), "targets" (N,H,W),
-        "cams" (N,C,H,W), "masks" (N,H,W) at bg_threshold.
+        "cams" (N,C,H,W), "masks" (N,H,W) at bg_threshold; items of another size than the
+        first are scaled to fit its (H, W) and padded (see `_fit`).
     """
 
     cam_miou: float
@@ -58,8 +67,52 @@ def _total(loader: Iterable, max_batches: int | None) -> int | None:
     return n if max_batches is None else min(n, max_batches)
 
 
+def _fit(x: Tensor, size: tuple[int, int], fill: float) -> Tensor:
+    """x: (h, w) int map or (K, h, w) float maps -> the same on `size`: scaled to fit inside it
+    with its aspect kept (nearest for int maps, bilinear otherwise), padded right/bottom with
+    `fill`. VOC's images differ in size and orientation; the overlay grid needs one size."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    ratio = min(size[0] / h, size[1] / w)
+    new = (max(1, min(size[0], round(h * ratio))), max(1, min(size[1], round(w * ratio))))
+    if x.dtype.is_floating_point:
+        y = F.interpolate(x[None], size=new, mode="bilinear", align_corners=False)[0]
+    else:
+        y = F.interpolate(x[None, None].float(), size=new, mode="nearest")[0, 0].to(x.dtype)
+    out = x.new_full((*x.shape[:-2], *size), fill)
+    out[..., : new[0], : new[1]] = y
+    return out
+
+
+@dataclass
+class EvalCounts:
+    """What `accumulate` adds up over a loader (one process's share of the evaluation).
+
+    sweep: (T, C+1, C+1) int64 confusion counts (truth rows, prediction columns), one matrix per
+        background threshold; pseudo: (C+1, C+1) the same at the fixed bg_threshold.
+    num_images: images counted; samples: see `EvalResult.samples` (local, never reduced).
+    """
+
+    sweep: Tensor
+    pseudo: Tensor
+    num_images: int
+    samples: dict[str, Tensor] = field(default_factory=dict)
+
+    def reduced(self, reduce: Callable[[Tensor], Tensor]) -> EvalCounts:
+        """The counts summed over processes by `reduce` (e.g. accelerator.reduce with "sum"),
+        in one collective; samples stay this process's."""
+        k = self.pseudo.shape[0]
+        flat = torch.cat([self.sweep.flatten(), self.pseudo.flatten(),
+                          self.pseudo.new_tensor([self.num_images])])
+        flat = reduce(flat)
+        t = self.sweep.shape[0]
+        return EvalCounts(flat[: t * k * k].view(t, k, k), flat[t * k * k : -1].view(k, k),
+                          int(flat[-1]), self.samples)
+
+
 @torch.no_grad()
-def evaluate(
+def accumulate(
     model: nn.Module,
     loader: Iterable[dict],
     num_classes: int,
@@ -71,35 +124,29 @@ def evaluate(
     num_samples: int = 8,
     progress: bool = True,
     device: torch.device | str | None = None,
-    reduce: Callable[[Tensor], Tensor] | None = None,
     ignore_index: int = 255,
-) -> EvalResult:
-    """CAM mIoU (best background threshold) and pseudo-mask mIoU over a loader.
+) -> EvalCounts:
+    """Confusion counts of CAM masks (per background threshold) and pseudo masks over a loader.
 
-    model: CAM network, model(x).cam is (B, C+1, h, w); set to eval for the run, then restored.
+    model: CAM network, model(x, project=False, refine=False).cam is (B, C+1, h, w); set to
+        eval for the run, then restored.
     loader: yields dicts with "image" (B,3,H,W), "label" (B,C) multi-hot, "mask" (B,H,W) int.
     num_classes: C, the number of foreground classes (matrices are (C+1, C+1)).
-    thresholds: (T,) background thresholds swept for cam_miou; default 0.00, 0.01, ..., 0.59.
-    reduce: sums a tensor over processes (e.g. accelerator.reduce); applied once to the
-        accumulated confusion counts, so every process returns the global scores. Samples stay
-        local to each process.
+    thresholds: (T,) background thresholds; default `threshold_grid()`.
     """
     if num_classes < 1:
         raise ValueError(f"evaluate: num_classes must be >= 1, got {num_classes}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"evaluate: max_batches must be >= 1 or None, got {max_batches}")
-    if thresholds is None:
-        thresholds = torch.arange(0.0, 0.595, 0.01)
-    thresholds = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
-    if thresholds.numel() == 0:
-        raise ValueError("evaluate: thresholds must not be empty")
+    thresholds = _thresholds(thresholds)
     device = torch.device(device) if device is not None else _model_device(model)
     k = num_classes + 1
-
     sweep = torch.zeros(thresholds.numel(), k, k, dtype=torch.long, device=device)
     pseudo = torch.zeros(k, k, dtype=torch.long, device=device)
     samples: dict[str, list[Tensor]] = {"images": [], "targets": [], "cams": [], "masks": []}
-    taken = num_images = 0
+    num_images, fill = 0, {"images": 0.0, "targets": ignore_index, "cams": 0.0,
+                           "masks": ignore_index}
+    copy = device.type == "cuda"  # pinned host memory copies asynchronously
 
     was_training = model.training
     model.eval()
@@ -108,9 +155,9 @@ def evaluate(
         bar = tqdm(batches, total=_total(loader, max_batches), disable=not progress,
                    desc="eval", leave=False)
         for batch in bar:
-            images = batch["image"].to(device)
-            labels = batch["label"].to(device)
-            target = batch["mask"].to(device)
+            images = batch["image"].to(device, non_blocking=copy)
+            labels = batch["label"].to(device, non_blocking=copy)
+            target = batch["mask"].to(device, non_blocking=copy)
             cams = infer_cams(model, images, scales=scales, flip=flip)
             if cams.shape[1] != num_classes:
                 raise ValueError(
@@ -122,24 +169,37 @@ def evaluate(
             sweep += threshold_confusions(cams, labels, target, thresholds.to(device),
                                           ignore_index)
             num_images += images.shape[0]
-            if taken < num_samples:
-                n = min(num_samples - taken, images.shape[0])
+            taken = sum(len(part) for part in samples["images"])
+            for i in range(min(num_samples - taken, images.shape[0])):
+                size = tuple((samples["images"] or [images])[0].shape[-2:])
                 for key, value in zip(samples, (images, target, cams, masks), strict=True):
-                    samples[key].append(value[:n].cpu())
-                taken += n
+                    samples[key].append(_fit(value[i].cpu(), size, fill[key])[None])
     finally:
         model.train(was_training)
+    return EvalCounts(sweep, pseudo, num_images,
+                      {key: torch.cat(parts) for key, parts in samples.items() if parts})
 
-    if reduce is not None:
-        # one collective for both accumulators
-        both = reduce(torch.cat([sweep, pseudo[None]], dim=0))
-        sweep, pseudo = both[:-1], both[-1]
-        num_images = int(reduce(torch.tensor([num_images], device=device)).item())
-    sweep_iou = iou_per_class(sweep.cpu())
+
+def _thresholds(thresholds: Tensor | None) -> Tensor:
+    grid = threshold_grid() if thresholds is None else thresholds
+    grid = torch.as_tensor(grid, dtype=torch.float32).reshape(-1)
+    if grid.numel() == 0:
+        raise ValueError("evaluate: thresholds must not be empty")
+    return grid
+
+
+def summarise(counts: EvalCounts, thresholds: Tensor | None = None) -> EvalResult:
+    """Scores of (already reduced) counts: the best background threshold's mIoU, the pseudo
+    masks' mIoU, per-class IoUs. thresholds: those `counts` were accumulated with."""
+    thresholds = _thresholds(thresholds)
+    if thresholds.numel() != counts.sweep.shape[0]:
+        raise ValueError(f"evaluate: {thresholds.numel()} thresholds for "
+                         f"{counts.sweep.shape[0]} confusion matrices")
+    sweep_iou = iou_per_class(counts.sweep.cpu())
     sweep_miou = sweep_iou.nanmean(dim=-1)
     # NaN (nothing counted) must not win; ties go to the lowest threshold.
     best = int(torch.nan_to_num(sweep_miou, nan=-1.0).argmax())
-    pseudo_iou = iou_per_class(pseudo.cpu())
+    pseudo_iou = iou_per_class(counts.pseudo.cpu())
     return EvalResult(
         cam_miou=float(sweep_miou[best]),
         best_threshold=round(float(thresholds[best]), 6),
@@ -148,6 +208,30 @@ def evaluate(
         pseudo_per_class_iou=_none_for_nan(pseudo_iou),
         thresholds=[round(float(t), 6) for t in thresholds],
         threshold_mious=sweep_miou.tolist(),
-        num_images=num_images,
-        samples={key: torch.cat(parts) for key, parts in samples.items() if parts},
+        num_images=counts.num_images,
+        samples=counts.samples,
     )
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict],
+    num_classes: int,
+    thresholds: Tensor | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    **options: Any,
+) -> EvalResult:
+    """CAM mIoU (best background threshold) and pseudo-mask mIoU: `accumulate` over this
+    process's loader, `reduce` the counts over processes, `summarise`.
+
+    reduce: sums a tensor over processes (e.g. accelerator.reduce(t, "sum")); every process then
+        returns the global scores. Give each process its share of the split (sampler.EvalShard):
+        the counts are integers, so any split of the images gives the one-process scores exactly.
+    options: `accumulate`'s keyword arguments (scales, flip, bg_threshold, max_batches,
+        num_samples, progress, device, ignore_index).
+    """
+    thresholds = _thresholds(thresholds)
+    counts = accumulate(model, loader, num_classes, thresholds=thresholds, **options)
+    if reduce is not None:
+        counts = counts.reduced(reduce)
+    return summarise(counts, thresholds)

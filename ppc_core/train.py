@@ -22,17 +22,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ppc_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ppc_core.data.sampler import StepBatchSampler
+from ppc_core.data.sampler import step_batches
 from ppc_core.objective import Objective
 from ppc_core.schedules import poly_lr, ppc_ramp
+from ppc_core.seeding import step_seeds
 
 # (step, metrics) -> True to stop the run now (a sweep's pruner decided).
 Reporter = Callable[[int, dict[str, float]], bool]
-# model -> metrics, run on the main process only.
+# model -> metrics, run on every process (each evaluates its share, the counts are reduced):
+# the same global metrics on each.
 EvalFn = Callable[[nn.Module], dict[str, float]]
 # -> the name of a stop request received (e.g. "SIGTERM"), or None; asked once per micro-batch.
 StopFn = Callable[[], str | None]
@@ -152,11 +154,13 @@ class _StepFailed(Exception):
         self.step, self.terms, self.ranks, self.why = step, terms, ranks, why
 
 
-def seed_micro_batch(seed: int, step: int, grad_accum: int, micro: int) -> torch.Generator:
-    """Seed augmentation for micro-batch `micro` of `step`; returns PPC's sampling generator.
-    Seeding by step makes both independent of resumption."""
-    torch.manual_seed(seed * 1_000_003 + step * grad_accum + micro)
-    return torch.Generator().manual_seed(seed * 7919 + step * grad_accum + micro)
+def seed_micro_batch(seed: int, step: int, grad_accum: int, micro: int,
+                     rank: int = 0) -> torch.Generator:
+    """Seed augmentation for micro-batch `micro` of `step` on process `rank`; returns PPC's
+    sampling generator. Seeds of (seed, step, rank): resumption replays them, ranks differ."""
+    augment, sampling = step_seeds(seed, step, micro, rank, grad_accum)
+    torch.manual_seed(augment)
+    return torch.Generator().manual_seed(sampling)
 
 
 def _stop_code(stop: str | None) -> float:
@@ -199,9 +203,11 @@ def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
     before = [b.detach().clone() for b in model.buffers()]  # the forward updates BN statistics
     images, stop = 0, None
     for micro in range(s.grad_accum):
-        gen = seed_micro_batch(s.seed, step, s.grad_accum, micro)
+        gen = seed_micro_batch(s.seed, step, s.grad_accum, micro, accelerator.process_index)
         batch = next(batches)
-        x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
+        copy = accelerator.device.type == "cuda"  # from pinned memory, asynchronously
+        x = batch["image"].to(accelerator.device, non_blocking=copy)
+        y = batch["label"].to(accelerator.device, non_blocking=copy)
         with accelerator.accumulate(model):
             terms, loss, why = {}, None, "non-finite loss"
             try:
@@ -268,22 +274,20 @@ def _fail(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Opt
 
 def _evaluate_and_decide(accelerator: Accelerator, model: nn.Module, hooks: Hooks,
                          progress: _Progress, bar: tqdm) -> bool:
-    """Evaluate on the main process, log and report; every rank learns the history entry and
-    whether to stop (a sweep's pruner). Returns True to stop."""
+    """Every rank evaluates its share (the global metrics on each, see EvalFn); the main
+    process logs and reports; every rank learns whether to stop (a sweep's pruner)."""
     step = progress.step
-    decision = [None, False]
+    metrics = {"step": step, **hooks.evaluate(accelerator.unwrap_model(model))}
+    progress.history.append(metrics)
+    decision = [False]
     if accelerator.is_main_process:
-        metrics = {"step": step, **hooks.evaluate(accelerator.unwrap_model(model))}
-        progress.history.append(metrics)
         bar.write(f"step {step}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
         accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
-        decision = [metrics, bool(hooks.reporter and hooks.reporter(step, metrics))]
-    broadcast_object_list(decision)  # every rank stops together and keeps the history
-    if not accelerator.is_main_process:
-        progress.history.append(decision[0])
+        decision = [bool(hooks.reporter and hooks.reporter(step, metrics))]
+    broadcast_object_list(decision)  # every rank stops together
     model.train()
-    return decision[1]
+    return decision[0]
 
 
 def _log(accelerator: Accelerator, out: StepOutput, step: int, seconds: float, images: int,
@@ -309,10 +313,9 @@ def train(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Opt
     accelerator.register_for_checkpointing(progress)
     if run.resume and (ckpt := load_checkpoint(accelerator, out_dir)) is not None:
         accelerator.print(f"resumed from {ckpt} at step {progress.step}")
-    sampler = StepBatchSampler(len(data.dataset), data.batch_size, s.seed,
-                               progress.step * s.grad_accum, accelerator.process_index,
-                               accelerator.num_processes)
-    batches = iter(DataLoader(data.dataset, batch_sampler=sampler, num_workers=data.num_workers))
+    batches = step_batches(data.dataset, data.batch_size, s.seed, progress.step * s.grad_accum,
+                           accelerator.process_index, accelerator.num_processes,
+                           data.num_workers, pin_memory=accelerator.device.type == "cuda")
     bar = tqdm(total=s.steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
     stop, images, tic, logs = False, 0, time.perf_counter(), {}

@@ -21,7 +21,7 @@ class _ConvCAM(nn.Module):
         torch.manual_seed(seed)
         self.conv = nn.Conv2d(3, num_classes + 1, kernel, padding=kernel // 2, bias=False)
 
-    def forward(self, x: Tensor) -> _Out:
+    def forward(self, x: Tensor, project: bool = True, refine: bool = True) -> _Out:
         return _Out(F.avg_pool2d(self.conv(x), 2))
 
 
@@ -95,3 +95,16 @@ def test_cams_to_masks_hand_example():
 def test_cams_to_masks_rejects_label_shape():
     with pytest.raises(ValueError, match="labels must be"):
         cams_to_masks(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4), 0.2)
+
+
+def test_infer_cams_does_not_run_pcm():
+    # (and asks for no projector output: see test_evaluate's flags test)
+    from ppc_core.models import build_model
+
+    model = build_model("cnn4", 3, pcm=True).eval()
+    calls = []
+    model.pcm.register_forward_hook(lambda *_: calls.append("pcm"))
+    infer_cams(model, _images(size=(2, 3, 32, 32)), scales=(0.5, 1.0), flip=True)
+    assert not calls
+    model(torch.zeros(1, 3, 32, 32))  # the default forward runs PCM: the hook is live
+    assert calls == ["pcm"]

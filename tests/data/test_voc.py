@@ -196,3 +196,57 @@ def test_empty_or_unknown_split(voc_root):
         VOCDataset(voc_root, "test", train=False)
     with pytest.raises(ValueError, match="root"):
         build_dataset("voc", "val", False, 32)
+
+
+# Image sizes (h, w) of the VOC-shaped folder: landscape, portrait and square, as VOC's 500x375,
+# 375x500, 500x333, ... at a tenth of the size.
+VOC_LIKE_SIZES = [(38, 50), (50, 38), (34, 50), (50, 34), (44, 44), (36, 48), (48, 36), (50, 42)]
+
+
+def write_voc_like(root: Path, n: int = 36, n_train: int = 12, n_val: int = 8) -> Path:
+    """A VOC2012 + SBD folder with VOC's variety: `n` images of several sizes in both
+    orientations, 1-3 of the 20 classes each (every class occurs), objects outlined by 255
+    (VOC's ignore border) and painted in a class colour, VOC palette masks for the train and
+    val lists (val = the last `n_val` ids), SBD index masks (SegmentationClassAug) for every
+    id outside val, so train_aug (derived) = train + the extra ids, and covers all 20 classes."""
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    lists = root / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (21, 3))
+    ids = [f"20{8 + i // 12:02d}_{i:06d}" for i in range(n)]
+    for i, name in enumerate(ids):
+        h, w = VOC_LIKE_SIZES[i % len(VOC_LIKE_SIZES)]
+        classes = sorted({1 + i % 20, *(1 + rng.choice(20, size=i % 3, replace=False))})
+        mask = block_mask(h, w, classes)
+        image = colours[np.where(mask == 255, 0, mask)] + rng.integers(-20, 21, (h, w, 3))
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(
+            root / "JPEGImages" / f"{name}.jpg", quality=90)
+        is_val = i >= n - n_val
+        if i < n_train or is_val:
+            write_mask(root / "SegmentationClass" / f"{name}.png", mask, palette=True)
+        if not is_val:
+            write_mask(root / "SegmentationClassAug" / f"{name}.png", mask, palette=False)
+    train, val = ids[:n_train], ids[n - n_val :]
+    (lists / "train.txt").write_text("".join(f"{i}\n" for i in train))
+    (lists / "val.txt").write_text("".join(f"{i}\n" for i in val))
+    (lists / "trainval.txt").write_text("".join(f"{i}\n" for i in train + val))
+    return root
+
+
+@pytest.fixture
+def voc_like_root(tmp_path: Path) -> Path:
+    return write_voc_like(tmp_path / "VOC2012")
+
+
+def test_voc_like_folder_has_the_variety_of_voc(voc_like_root):
+    train_aug = VOCDataset(voc_like_root, "train_aug", train=False)
+    assert len(train_aug) == 28 and len(VOCDataset(voc_like_root, "val", train=False)) == 8
+    items = [train_aug[i] for i in range(len(train_aug))]
+    shapes = {tuple(it["mask"].shape) for it in items}
+    assert any(h > w for h, w in shapes) and any(h < w for h, w in shapes) and len(shapes) >= 6
+    assert torch.stack([it["label"] for it in items]).sum(0).min() >= 1  # all 20 classes
+    assert all((it["mask"] == 255).any() for it in items)
+    with Image.open(voc_like_root / "SegmentationClassAug" / f"{train_aug.ids[-1]}.png") as m:
+        assert m.mode == "L"  # SBD's masks are plain index PNGs

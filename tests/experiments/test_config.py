@@ -46,7 +46,8 @@ def test_voc_preset_without_root_is_a_clear_error():
     [("ppc.tau=0", "ppc.tau"), ("ppc.top_k_ratio=1.5", "ppc.top_k_ratio"),
      ("train.mixed_precision=fp8", "train.mixed_precision"), ("optim.lr=-1", "optim.lr"),
      ("data.name=coco", "data.name"), ("eval.bg_threshold=2", "eval.bg_threshold"),
-     ("model.output_stride=4", "model.output_stride")],
+     ("model.output_stride=4", "model.output_stride"),
+     ("train.dist_timeout_s=0", "train.dist_timeout_s")],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

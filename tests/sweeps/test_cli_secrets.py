@@ -9,7 +9,6 @@ from pathlib import Path
 
 from sweeps.cli import shown
 from tests.sweeps.conftest import write_space
-from tests.sweeps.test_workers import postgres_url  # noqa: F401  (the fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,9 +20,9 @@ def test_shown_hides_only_the_password() -> None:
     assert shown("sqlite:////runs/s/study.db") == "sqlite:////runs/s/study.db"
 
 
-def test_create_and_errors_do_not_print_the_password(tmp_path: Path, postgres_url) -> None:  # noqa: F811
+def test_create_and_errors_do_not_print_the_password(tmp_path: Path, postgres) -> None:
     secret = "hunter2-do-not-print"
-    url = postgres_url.replace("postgres@", f"postgres:{secret}@")  # trust auth: any password
+    url = postgres.url.replace("postgres@", f"postgres:{secret}@")  # trust auth: any password
     space = write_space(tmp_path / "s.yaml")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for argv in (["create", "--study", "s", "--space", str(space)],

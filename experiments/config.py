@@ -204,8 +204,10 @@ def _in_range(name: str, value: float, lo: float, hi: float, hi_open: bool = Fal
 # where it reports, how many overlay images it draws. Every other field, present or future, is
 # part of the identity; `eval.every` too, since it decides the reported history and the steps at
 # which a sweep's pruner may stop the run.
+# data.num_workers: each batch is drawn from (seed, micro-step, rank) whichever process loads it.
 NOT_IN_IDENTITY = ("train.output_dir", "train.resume", "train.log_every",
-                   "train.checkpoint_every", "train.dist_timeout_s", "track.", "eval.num_samples")
+                   "train.checkpoint_every", "train.dist_timeout_s", "track.", "eval.num_samples",
+                   "data.num_workers")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -29,7 +29,8 @@ def _files(folder: Path) -> dict[str, float]:
 def test_identity_leaves_out_where_and_how_often_but_not_what(tmp_path):
     base = _cfg(tmp_path / "a")
     same = [_cfg(tmp_path / "b", "train.log_every=5", "train.checkpoint_every=7",
-                 "train.resume=false", "track.project=x", "eval.num_samples=2")]
+                 "train.resume=false", "track.project=x", "eval.num_samples=2",
+                 "data.num_workers=2", "train.dist_timeout_s=60")]
     differ = [_cfg(tmp_path / "a", extra) for extra in (
         "train.steps=3", "loss.use_ppc=false", "eval.every=1", "train.seed=1", "optim.lr=0.02",
         "ppc.tau=0.2", "eval.scales=[1.0,0.5]")]

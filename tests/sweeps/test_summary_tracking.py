@@ -28,7 +28,7 @@ def _study(tmp_path: Path, overrides: list[str]) -> optuna.Study:
 
 def test_project_comes_from_the_study_overrides(tmp_path: Path) -> None:
     assert study_project(_study(tmp_path / "a", ["train.steps=4"])) == "ppc"
-    assert study_project(_study(tmp_path / "b", ["track.project=mine", "x=1"])) == "mine"
+    assert study_project(_study(tmp_path / "b", ["track.project=mine", "train.steps=4"])) == "mine"
 
 
 def test_summary_run_logs_to_the_trials_project_inside_the_report(tmp_path: Path,

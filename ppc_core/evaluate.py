@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -14,7 +15,11 @@ from tqdm.auto import tqdm
 from ppc_core.cam import cams_to_masks, infer_cams
 from ppc_core.metrics import confusion_matrix, iou_per_class, threshold_confusions
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["DEFAULT_THRESHOLDS", "EvalResult", "best_threshold_index", "evaluate"]
+
+# Background thresholds swept for the CAM mIoU: the whole range a max-normalised CAM can take.
+# The reference sweeps 0.00-0.59, which caps the score whenever the best threshold lies above.
+DEFAULT_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(101))
 
 
 @dataclass
@@ -25,6 +30,8 @@ class EvalResult:
     sweep (the "curve" number reference evaluations report).
     pseudo_miou / pseudo_per_class_iou: masks at the fixed bg_threshold.
     threshold_mious: mIoU for each swept threshold, in the order of `thresholds`.
+    best_threshold_at_edge: the best threshold is the lowest or highest swept one, so cam_miou
+        may be a lower bound (a wider sweep could score higher).
     num_images: images evaluated (over all processes when a reduce is given).
     samples: CPU tensors of the first items: "images" (N,3,H,W), "targets" (N,H,W),
         "cams" (N,C,H,W), "masks" (N,H,W) at bg_threshold.
@@ -37,12 +44,22 @@ class EvalResult:
     pseudo_per_class_iou: list[float | None] = field(default_factory=list)
     thresholds: list[float] = field(default_factory=list)
     threshold_mious: list[float] = field(default_factory=list)
+    best_threshold_at_edge: bool = False
     num_images: int = 0
     samples: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _none_for_nan(values: Tensor) -> list[float | None]:
     return [None if math.isnan(v) else float(v) for v in values.tolist()]
+
+
+def best_threshold_index(thresholds: Tensor, mious: Tensor) -> tuple[int, bool]:
+    """thresholds, mious: (T,). The index of the best mIoU (NaN never wins, ties go to the first)
+    and whether that threshold is the sweep's lowest or highest (T > 1 only)."""
+    best = int(torch.nan_to_num(mious, nan=-1.0).argmax())
+    value = thresholds[best]
+    at_edge = thresholds.numel() > 1 and bool(value == thresholds.min() or value == thresholds.max())
+    return best, at_edge
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -79,7 +96,9 @@ def evaluate(
     model: CAM network, model(x).cam is (B, C+1, h, w); set to eval for the run, then restored.
     loader: yields dicts with "image" (B,3,H,W), "label" (B,C) multi-hot, "mask" (B,H,W) int.
     num_classes: C, the number of foreground classes (matrices are (C+1, C+1)).
-    thresholds: (T,) background thresholds swept for cam_miou; default 0.00, 0.01, ..., 0.59.
+    thresholds: (T,) background thresholds swept for cam_miou; default DEFAULT_THRESHOLDS
+        (0.00, 0.01, ..., 1.00). A best threshold at either end of the sweep sets
+        best_threshold_at_edge and warns.
     reduce: sums a tensor over processes (e.g. accelerator.reduce); applied once to the
         accumulated confusion counts, so every process returns the global scores. Samples stay
         local to each process.
@@ -89,7 +108,7 @@ def evaluate(
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"evaluate: max_batches must be >= 1 or None, got {max_batches}")
     if thresholds is None:
-        thresholds = torch.arange(0.0, 0.595, 0.01)
+        thresholds = torch.tensor(DEFAULT_THRESHOLDS)
     thresholds = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
     if thresholds.numel() == 0:
         raise ValueError("evaluate: thresholds must not be empty")
@@ -137,8 +156,10 @@ def evaluate(
         num_images = int(reduce(torch.tensor([num_images], device=device)).item())
     sweep_iou = iou_per_class(sweep.cpu())
     sweep_miou = sweep_iou.nanmean(dim=-1)
-    # NaN (nothing counted) must not win; ties go to the lowest threshold.
-    best = int(torch.nan_to_num(sweep_miou, nan=-1.0).argmax())
+    best, at_edge = best_threshold_index(thresholds, sweep_miou)
+    if at_edge:
+        warnings.warn(f"evaluate: the best background threshold {float(thresholds[best]):.2f} is "
+                      "at the edge of the sweep; the CAM mIoU may be a lower bound", stacklevel=2)
     pseudo_iou = iou_per_class(pseudo.cpu())
     return EvalResult(
         cam_miou=float(sweep_miou[best]),
@@ -148,6 +169,7 @@ def evaluate(
         pseudo_per_class_iou=_none_for_nan(pseudo_iou),
         thresholds=[round(float(t), 6) for t in thresholds],
         threshold_mious=sweep_miou.tolist(),
+        best_threshold_at_edge=at_edge,
         num_images=num_images,
         samples={key: torch.cat(parts) for key, parts in samples.items() if parts},
     )

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_evidence --preset digits_pretrained --seeds 5   # the README's table
     python -m benchmarks.bench_evidence                                        # digits preset (4x4 grid)
     python -m benchmarks.bench_evidence --ppc ppc.tau=0.05 --common train.steps=400 --jobs 2
-    python -m benchmarks.bench_evidence --oracle-only --preset digits_pretrained
+    python -m benchmarks.bench_evidence --oracle-only --step-times --preset digits_pretrained
 
 Each run is `python -m experiments.train` in its own process (`--jobs` at a time, one thread
 each; a run whose directory already holds a finished run is read back, not retrained). Prints
@@ -11,7 +11,8 @@ markdown tables: per arm, the final CAM mIoU (best background threshold of the 0
 and how many seeds had it at the sweep's edge) and the pseudo-mask mIoU (fixed threshold), mean
 and standard deviation over seeds; then the paired difference PPC - baseline per seed with its
 95% interval (paired t); then the oracle ceiling of the loss grids: the val split's ground-truth
-masks area-pooled to an n x n grid and upsampled back, scored as mIoU against themselves.
+masks area-pooled to an n x n grid and upsampled back, scored as mIoU against themselves
+(`--step-times`: with each grid's CPU time per training step).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95
         return mean, -math.inf, math.inf
     from scipy.stats import t
 
-    half = t.ppf(0.5 + level / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    quantile = float(t.ppf(0.5 + level / 2, len(diffs) - 1))
+    half = quantile * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return mean, mean - half, mean + half
 
 
@@ -105,19 +107,56 @@ def _run_config(preset: str, overrides: list[str]):
         return to_run_config(compose("config", overrides=[f"preset={preset}", *overrides]))
 
 
-def _oracle_table(preset: str, common: list[str]) -> list[str]:
+def step_cpu_ms(preset: str, overrides: list[str], steps: int = 20, warmup: int = 5) -> float:
+    """Median process CPU milliseconds of one training step (model, both views, the objective,
+    backward, optimiser; one thread) of `preset` with `overrides`. CPU time, not wall time: on a
+    shared machine the ratios between settings survive the other jobs' load."""
+    from torch.utils.data import DataLoader
+
+    from experiments.train import build_training
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_set, model, optimizer, objective = build_training(_run_config(preset, overrides))
+        loader = iter(DataLoader(train_set, batch_size=16, shuffle=True))
+        times = []
+        for i in range(warmup + steps):
+            batch = next(loader)
+            tic = time.process_time()
+            terms = objective(model, batch["image"], batch["label"], 1.0,
+                              torch.Generator().manual_seed(i))
+            optimizer.zero_grad()
+            sum(terms.values()).backward()
+            optimizer.step()
+            if i >= warmup:
+                times.append(time.process_time() - tic)
+    finally:
+        torch.set_num_threads(threads)
+    return 1000 * statistics.median(times)
+
+
+def _oracle_table(preset: str, common: list[str], step_times: bool = False) -> list[str]:
     from ppc_core.data import build_dataset, dataset_info
 
     cfg = _run_config(preset, common)
     d = cfg.data
-    grid = -(-d.target_size // cfg.model.output_stride)
+    stride = cfg.model.output_stride
+    grid = -(-d.target_size // stride)
     data = build_dataset(d.name, d.eval_split, False, d.crop_size, d.root, num_images=d.eval_images)
     masks = torch.stack([data[i]["mask"] for i in range(len(data))]).long()
     num_classes = dataset_info(d.name).num_classes
-    lines = [f"| loss grid ({d.eval_split}, {len(data)} images) | oracle mIoU |", "|---|---|"]
+    head = f"| loss grid ({d.eval_split}, {len(data)} images) | oracle mIoU |"
+    lines = [head + (" CPU ms per step (1 thread) |" if step_times else ""),
+             "|---|---|" + ("---|" if step_times else "")]
     for n in sorted({4, 8, 16, grid}):
         mark = f" (preset {preset}: target view {d.target_size} px)" if n == grid else ""
-        lines.append(f"| {n}x{n}{mark} | {oracle_miou(masks, num_classes, n):.3f} |")
+        row = f"| {n}x{n}{mark} | {oracle_miou(masks, num_classes, n):.3f} |"
+        if step_times:
+            ms = step_cpu_ms(preset, [*common, f"data.target_size={n * stride}",
+                                      "train.output_dir=runs/evidence/step_times"])
+            row += f" {ms:.0f} |"
+        lines.append(row)
     return lines
 
 
@@ -155,8 +194,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--common", nargs="*", default=[], help="overrides for both arms")
     p.add_argument("--ppc", nargs="*", default=[], help="overrides for the PPC arm only")
     p.add_argument("--oracle-only", action="store_true", help="print the oracle table only")
+    p.add_argument("--step-times", action="store_true",
+                   help="add each grid's CPU time per training step to the oracle table")
     args = p.parse_args(argv)
-    oracle = _oracle_table(args.preset, args.common)
+    oracle = _oracle_table(args.preset, args.common, args.step_times)
     if args.oracle_only:
         print("\n".join(oracle))
         return

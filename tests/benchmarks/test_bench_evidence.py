@@ -33,3 +33,21 @@ def test_oracle_is_perfect_at_fine_grids_and_drops_on_coarser_ones():
     # bilinear upsampling rounds the blocks' corners off at 8x8; 4x4 cells hide them
     assert 0.9 < oracle_miou(masks, num_classes=2, grid=8) < 1.0
     assert oracle_miou(masks, num_classes=2, grid=4) < 0.5
+
+
+def test_oracle_table_of_the_bundled_val_split(capsys):
+    # the ceilings the README quotes: 4x4 / 8x8 / 16x16 grids on the 200 val canvases
+    from benchmarks.bench_evidence import main
+
+    main(["--oracle-only", "--preset", "digits_pretrained"])
+    out = capsys.readouterr().out
+    assert "| 4x4 | 0.277 |" in out
+    assert "| 8x8 (preset digits_pretrained: target view 64 px) | 0.759 |" in out
+    assert "| 16x16 | 0.967 |" in out
+
+
+def test_step_cpu_ms_times_a_real_step(tmp_path):
+    from benchmarks.bench_evidence import step_cpu_ms
+
+    ms = step_cpu_ms("digits", [f"train.output_dir={tmp_path}"], steps=2, warmup=1)
+    assert 0 < ms < 60_000

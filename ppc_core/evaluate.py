@@ -159,7 +159,7 @@ def evaluate(
     best, at_edge = best_threshold_index(thresholds, sweep_miou)
     if at_edge:
         warnings.warn(f"evaluate: the best background threshold {float(thresholds[best]):.2f} is "
-                      "at the edge of the sweep; the CAM mIoU may be a lower bound", stacklevel=2)
+                      "at the edge of the sweep; the CAM mIoU may be a lower bound", stacklevel=3)
     pseudo_iou = iou_per_class(pseudo.cpu())
     return EvalResult(
         cam_miou=float(sweep_miou[best]),

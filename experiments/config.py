@@ -7,6 +7,7 @@ possible sweep dimension (`sweeps/spaces/*.yaml` name fields by their dotted pat
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_module
@@ -255,8 +256,15 @@ def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
     return checked
 
 
+# Weights that ship with the package (experiments/weights/); presets name them as
+# `${ppc_weights:cnn4_digits.pt}`, which resolves wherever the package is installed.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("ppc_weights", lambda name: str(WEIGHTS_DIR / name),
+                                    replace=True)
 
 
 register_configs()  # importing the schema makes `run_schema` composable (Hydra, sweeps, tests)

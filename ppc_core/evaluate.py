@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -16,13 +17,17 @@ from tqdm.auto import tqdm
 from ppc_core.cam import cams_to_masks, infer_cams
 from ppc_core.metrics import confusion_matrix, iou_per_class, threshold_confusions
 
-__all__ = ["EvalCounts", "EvalResult", "accumulate", "evaluate", "summarise", "threshold_grid"]
+__all__ = ["DEFAULT_THRESHOLDS", "EvalCounts", "EvalResult", "accumulate", "best_threshold_index",
+           "evaluate", "summarise", "threshold_grid"]
+
+# Background thresholds swept for the CAM mIoU: the whole range a max-normalised CAM can take.
+# The reference sweeps 0.00-0.59, which caps the score whenever the best threshold lies above.
+DEFAULT_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(101))
 
 
 def threshold_grid() -> Tensor:
-    """The background thresholds swept for cam_miou: 0.00, 0.01, ..., 0.59 (the reference's
-    CAM evaluation "curve")."""
-    return torch.arange(0.0, 0.595, 0.01)
+    """The background thresholds swept for cam_miou by default: DEFAULT_THRESHOLDS as (T,)."""
+    return torch.tensor(DEFAULT_THRESHOLDS)
 
 
 @dataclass
@@ -33,6 +38,8 @@ class EvalResult:
     sweep (the "curve" number reference evaluations report).
     pseudo_miou / pseudo_per_class_iou: masks at the fixed bg_threshold.
     threshold_mious: mIoU for each swept threshold, in the order of `thresholds`.
+    best_threshold_at_edge: the best threshold is the lowest or highest swept one, so cam_miou
+        may be a lower bound (a wider sweep could score higher).
     num_images: images evaluated (over all processes when a reduce is given).
     samples: CPU tensors of the first items: "images" (N,3,H,W), "targets" (N,H,W),
         "cams" (N,C,H,W), "masks" (N,H,W) at bg_threshold; items of another size than the
@@ -46,12 +53,22 @@ class EvalResult:
     pseudo_per_class_iou: list[float | None] = field(default_factory=list)
     thresholds: list[float] = field(default_factory=list)
     threshold_mious: list[float] = field(default_factory=list)
+    best_threshold_at_edge: bool = False
     num_images: int = 0
     samples: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _none_for_nan(values: Tensor) -> list[float | None]:
     return [None if math.isnan(v) else float(v) for v in values.tolist()]
+
+
+def best_threshold_index(thresholds: Tensor, mious: Tensor) -> tuple[int, bool]:
+    """thresholds, mious: (T,). The index of the best mIoU (NaN never wins, ties go to the first)
+    and whether that threshold is the sweep's lowest or highest (T > 1 only)."""
+    best = int(torch.nan_to_num(mious, nan=-1.0).argmax())
+    value = thresholds[best]
+    at_edge = thresholds.numel() > 1 and bool(value == thresholds.min() or value == thresholds.max())
+    return best, at_edge
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -132,7 +149,7 @@ def accumulate(
         eval for the run, then restored.
     loader: yields dicts with "image" (B,3,H,W), "label" (B,C) multi-hot, "mask" (B,H,W) int.
     num_classes: C, the number of foreground classes (matrices are (C+1, C+1)).
-    thresholds: (T,) background thresholds; default `threshold_grid()`.
+    thresholds: (T,) background thresholds; default `threshold_grid()` (0.00, 0.01, ..., 1.00).
     """
     if num_classes < 1:
         raise ValueError(f"evaluate: num_classes must be >= 1, got {num_classes}")
@@ -197,8 +214,10 @@ def summarise(counts: EvalCounts, thresholds: Tensor | None = None) -> EvalResul
                          f"{counts.sweep.shape[0]} confusion matrices")
     sweep_iou = iou_per_class(counts.sweep.cpu())
     sweep_miou = sweep_iou.nanmean(dim=-1)
-    # NaN (nothing counted) must not win; ties go to the lowest threshold.
-    best = int(torch.nan_to_num(sweep_miou, nan=-1.0).argmax())
+    best, at_edge = best_threshold_index(thresholds, sweep_miou)
+    if at_edge:
+        warnings.warn(f"evaluate: the best background threshold {float(thresholds[best]):.2f} is "
+                      "at the edge of the sweep; the CAM mIoU may be a lower bound", stacklevel=3)
     pseudo_iou = iou_per_class(counts.pseudo.cpu())
     return EvalResult(
         cam_miou=float(sweep_miou[best]),
@@ -208,6 +227,7 @@ def summarise(counts: EvalCounts, thresholds: Tensor | None = None) -> EvalResul
         pseudo_per_class_iou=_none_for_nan(pseudo_iou),
         thresholds=[round(float(t), 6) for t in thresholds],
         threshold_mious=sweep_miou.tolist(),
+        best_threshold_at_edge=at_edge,
         num_images=counts.num_images,
         samples=counts.samples,
     )

@@ -70,9 +70,12 @@ def test_truth_cam_is_perfect_from_the_right_threshold_on():
     # below 0.25 the background pixels are taken by a present class; 0.25 is the first clean one
     assert result.best_threshold == pytest.approx(BG_SCORE)
     assert result.per_class_iou == pytest.approx([1.0, 1.0, 1.0])
-    assert len(result.threshold_mious) == 60 and len(result.thresholds) == 60
+    assert len(result.threshold_mious) == 101 and len(result.thresholds) == 101
+    assert result.thresholds[-1] == pytest.approx(1.0)
     assert result.threshold_mious[0] < 0.9
-    assert all(m == pytest.approx(1.0) for m in result.threshold_mious[25:])
+    # at 1.0 the background ties with the foreground's 1.0 and takes every pixel
+    assert all(m == pytest.approx(1.0) for m in result.threshold_mious[25:100])
+    assert not result.best_threshold_at_edge
     # the fixed bg_threshold 0.2 lies below the background score: imperfect, and the same number
     # as the sweep's entry for 0.20
     assert result.pseudo_miou < 0.9

@@ -307,6 +307,22 @@ def load_digits_split(
     return arrays
 
 
+
+def single_digit_scenes(
+    split: str,
+    num_images: int,
+    canvas: int = DEFAULT_CANVAS,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+) -> DigitsArrays:
+    """Scenes with exactly one digit, drawn from `split`'s digit pool (cached like any split).
+
+    For classification pretraining: labels are one-hot. The same seed draws other scenes than
+    the multi-digit split, yet the same digit images: a "train" pool never holds a "val" digit.
+    """
+    return load_digits_split(split, num_images, canvas, seed, root, max_digits=1)
+
+
 class DigitsDataset(Dataset):
     """Items as in the data contract; train adds a random horizontal flip, eval nothing."""
 

@@ -119,7 +119,7 @@ def test_wandb_sweep_export(tmp_path: Path) -> None:
     p = config["parameters"]
     assert p["ppc.tau"]["distribution"] == "log_uniform_values"
     assert p["ppc.w_intra"] == p["ppc.w_cross_cam"]  # tied: exported per target, with a note
-    assert p["loss.ppc_ramp_steps"] == {"value": 100} and p["track.trackers"] == {"value": []}
+    assert p["loss.ppc_ramp_steps"] == {"value": 0} and p["track.trackers"] == {"value": []}
     assert any("independent" in n for n in notes)
     paper, notes = to_wandb_sweep(load_space("paper"))
     assert paper["parameters"]["loss.ppc_start_step"]["distribution"] == "q_uniform"

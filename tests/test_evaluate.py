@@ -153,11 +153,11 @@ def test_eval_shards_cover_the_first_max_batches_once():
 
 def test_evaluate_is_accumulate_then_summarise():
     counts = accumulate(_TruthCAM(), _loader(), NUM_CLASSES, progress=False)
-    assert counts.sweep.shape == (60, 3, 3) and counts.sweep.dtype == torch.int64
+    assert counts.sweep.shape == (101, 3, 3) and counts.sweep.dtype == torch.int64
     a, b = summarise(counts), evaluate(_TruthCAM(), _loader(), NUM_CLASSES, progress=False)
     assert (a.threshold_mious, a.pseudo_miou, a.num_images) == (
         b.threshold_mious, b.pseudo_miou, b.num_images)
-    with pytest.raises(ValueError, match="2 thresholds for 60"):
+    with pytest.raises(ValueError, match="2 thresholds for 101"):
         summarise(counts, torch.tensor([0.1, 0.2]))
 
 

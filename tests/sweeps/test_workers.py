@@ -7,7 +7,6 @@ import glob
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from sweeps.cli import main, run_worker
 from sweeps.space import load_space
 from sweeps.storage import default_url, open_storage
 from sweeps.study import Recipe, create
+from tests.experiments.test_tracking import wandb_records
 
 from .conftest import write_space
 
@@ -167,22 +167,9 @@ def _wandb_run_record(path: Path, wait: float = 10.0):
 
 
 def _read_run_record(path: Path):
-    """The run record of an offline .wandb file (a LevelDB-style log of protobuf records)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, buf, block = path.read_bytes(), 7, b"", 32768
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(buf)
-            buf = b""
-            if record.WhichOneof("record_type") == "run":
-                return record.run
+    """The run record of an offline .wandb file."""
+    for run in wandb_records(path, "run"):
+        return run
     raise AssertionError(f"no run record in {path}")
 
 

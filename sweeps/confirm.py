@@ -252,7 +252,7 @@ def verdict_markdown(result: dict) -> list[str]:
     md += ["", f"Selected on split `{splits.get('selected_on', '?')}`, confirmed on split "
            f"`{splits.get('confirmed_on', '?')}` with fresh seeds; Δ = configuration minus "
            f"baseline on the same seed; interval: {result['interval']} (n = pairs). "
-           "\"better\"/\"worse\": the whole interval lies above/below 0."]
+           "\"better\"/\"worse\": the whole interval lies above/below 0.", ""]  # list apart
     for name, e in result["arms"].items():
         if e.get("params"):
             md.append(f"- `{name}`: " + ", ".join(f"`{k}` = {_fmt(v)}"

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ppc_core.metrics import confusion_matrix, iou_per_class
+from sweeps.verdict import mean_spread, paired_t
 
 BASELINE, PPC = "CAM only (baseline)", "CAM + PPC"
 
@@ -57,27 +58,19 @@ def _train(out: Path, overrides: list[str]) -> dict:
 
 
 def _stats(values: Sequence[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+    mean, spread = mean_spread(list(values))
+    return f"{mean:.3f} ± {spread:.3f}"
 
 
 def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95
                     ) -> tuple[float, float, float]:
-    """Mean of the paired differences b - a and its `level` interval (Student t, n - 1 dof).
-
-    a, b: one value per seed, in the same seed order. With one pair the interval is (-inf, inf).
-    """
+    """Mean of the paired differences b - a and its `level` interval (sweeps.verdict's paired
+    Student t). a, b: one value per seed, in the same seed order. With one pair the interval is
+    (-inf, inf)."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired_interval: need equally many values, got {len(a)} and {len(b)}")
-    diffs = [y - x for x, y in zip(a, b, strict=True)]
-    mean = statistics.mean(diffs)
-    if len(diffs) < 2:
-        return mean, -math.inf, math.inf
-    from scipy.stats import t
-
-    quantile = float(t.ppf(0.5 + level / 2, len(diffs) - 1))
-    half = quantile * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half
+    d = paired_t(dict(enumerate(b)), dict(enumerate(a)), level)
+    return (d.mean, -math.inf, math.inf) if d.n < 2 else (d.mean, d.lo, d.hi)
 
 
 def oracle_miou(masks: torch.Tensor, num_classes: int, grid: int, ignore_index: int = 255

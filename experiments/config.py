@@ -211,11 +211,12 @@ NOT_IN_IDENTITY = ("train.output_dir", "train.resume", "train.log_every",
                    "data.num_workers")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: dotted field names, as overrides and sweeps write them."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -223,7 +224,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def identity_fields(cfg: RunConfig) -> dict[str, Any]:
     """The fields of `cfg` that decide its result (dotted name -> value): a run's identity."""
-    return {k: v for k, v in _flat(asdict(cfg)).items()
+    return {k: v for k, v in flatten(asdict(cfg)).items()
             if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in NOT_IN_IDENTITY)}
 
 

@@ -26,23 +26,12 @@ from urllib.parse import urlparse
 
 from accelerate import Accelerator
 
-from experiments.config import RunConfig, run_identity
+from experiments.config import RunConfig, flatten, run_identity
 from ppc_core.checkpoint import latest_checkpoint
 from ppc_core.evaluate import EvalResult
 from ppc_core.viz import overlay_grid, save_png
 
 _LIBRARIES = ("torch", "torchvision", "accelerate", "optuna", "wandb", "hydra-core", "numpy")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def provenance() -> dict:
@@ -111,7 +100,7 @@ def inside(folder: Path) -> Iterator[None]:
 
 
 def start_tracking(accelerator: Accelerator, cfg: RunConfig) -> None:
-    config = {**_flatten(asdict(cfg)), "run.identity": run_identity(cfg), **provenance()}
+    config = {**flatten(asdict(cfg)), "run.identity": run_identity(cfg), **provenance()}
     out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

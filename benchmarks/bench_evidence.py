@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from experiments.config import compose_config
 from ppc_core.metrics import confusion_matrix, iou_per_class
 from sweeps.verdict import mean_spread, paired_t
 
@@ -91,15 +92,6 @@ def oracle_miou(masks: torch.Tensor, num_classes: int, grid: int, ignore_index: 
     return float(iou_per_class(conf).nanmean())
 
 
-def _run_config(preset: str, overrides: list[str]):
-    from hydra import compose, initialize_config_module
-
-    from experiments.config import to_run_config
-
-    with initialize_config_module("experiments.conf", version_base=None):
-        return to_run_config(compose("config", overrides=[f"preset={preset}", *overrides]))
-
-
 def step_cpu_ms(preset: str, overrides: list[str], steps: int = 20, warmup: int = 5) -> float:
     """Median process CPU milliseconds of one training step (model, both views, the objective,
     backward, optimiser; one thread) of `preset` with `overrides`. CPU time, not wall time: on a
@@ -111,7 +103,7 @@ def step_cpu_ms(preset: str, overrides: list[str], steps: int = 20, warmup: int 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_set, model, optimizer, objective = build_training(_run_config(preset, overrides))
+        train_set, model, optimizer, objective = build_training(compose_config(preset, overrides))
         loader = iter(DataLoader(train_set, batch_size=16, shuffle=True))
         times = []
         for i in range(warmup + steps):
@@ -132,7 +124,7 @@ def step_cpu_ms(preset: str, overrides: list[str], steps: int = 20, warmup: int 
 def _oracle_table(preset: str, common: list[str], step_times: bool = False) -> list[str]:
     from ppc_core.data import build_dataset, dataset_info
 
-    cfg = _run_config(preset, common)
+    cfg = compose_config(preset, common)
     d = cfg.data
     stride = cfg.model.output_stride
     grid = -(-d.target_size // stride)

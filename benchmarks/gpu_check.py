@@ -26,16 +26,10 @@ RECIPE = "voc_seam_ppc"
 
 def recipe_sizes() -> dict[str, object]:
     """Model and sizes of the VOC recipe (experiments/conf/preset/voc_seam_ppc.yaml)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from experiments.config import register_configs, to_run_config
+    from experiments.config import compose_config
     from ppc_core.data import dataset_info
 
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module("experiments.conf", version_base=None):
-        cfg = to_run_config(compose("config", overrides=[f"preset={RECIPE}", "data.root=/none"]))
+    cfg = compose_config(RECIPE, ["data.root=/none"])
     return {"backbone": cfg.model.backbone, "size": cfg.data.crop_size,
             "target": cfg.data.target_size, "batch": cfg.train.batch_size,
             "classes": dataset_info(cfg.data.name).num_classes}

@@ -19,7 +19,6 @@ training run: config.json (with provenance), metrics.json, an offline W&B run (-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from experiments.config import WEIGHTS_DIR
 from experiments.tracking import provenance
+from ppc_core.checkpoint import file_sha256
 from ppc_core.data.digits import DEFAULT_CANVAS, NUM_CLASSES, single_digit_scenes
 from ppc_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ppc_core.models.backbone import CNN4
@@ -126,10 +126,6 @@ def accuracy(model: nn.Module, scenes: _Scenes, batch_size: int = 250) -> float:
     return correct / len(scenes)
 
 
-def sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     """Train, save the backbone's state dict to cfg.weights_path; returns the metrics."""
     cfg.check()
@@ -190,7 +186,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.backbone.state_dict(), path)
     metrics = {"step": cfg.steps, "held_out_accuracy": history[-1]["held_out_accuracy"],
-               "train_loss_ema": loss_avg, "weights": str(path), "sha256": sha256(path),
+               "train_loss_ema": loss_avg, "weights": str(path), "sha256": file_sha256(path),
                "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - tic, 1),
                "history": history}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -50,9 +50,10 @@ def read_marker(ckpt: Path) -> dict | None:
     return marker if isinstance(marker, dict) and "files" in marker else None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB chunks (checkpoints can be GBs)."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -70,7 +71,7 @@ def verify_checkpoint(ckpt: Path, deep: bool = True) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != meta["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, {meta['bytes']} were written"
-        if deep and _sha256(path) != meta["sha256"]:
+        if deep and file_sha256(path) != meta["sha256"]:
             return f"{name} does not match its SHA-256"
     return None
 
@@ -85,7 +86,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def _write_marker(folder: Path, step: int, identity: dict[str, Any] | None) -> None:
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
     marker = {"step": step, "identity": identity_hash(identity or {}),
               "fields": identity or {}, "files": files}

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from experiments.config import to_run_config
+from experiments.config import compose_config
 from experiments.pretrain import (
     REGENERATE,
     SHIPPED_SHA256,
@@ -13,14 +13,14 @@ from experiments.pretrain import (
     PretrainConfig,
     main,
     pretrain,
-    sha256,
 )
+from ppc_core.checkpoint import file_sha256
 from ppc_core.models.backbone import build_backbone
 
 
 def test_shipped_weights_are_the_recorded_ones_and_load_into_cnn4():
     assert SHIPPED_WEIGHTS.is_file(), f"missing {SHIPPED_WEIGHTS}; regenerate: {REGENERATE}"
-    assert sha256(SHIPPED_WEIGHTS) == SHIPPED_SHA256
+    assert file_sha256(SHIPPED_WEIGHTS) == SHIPPED_SHA256
     assert SHIPPED_WEIGHTS.stat().st_size < 5_000_000
     net = build_backbone("cnn4", output_stride=8, pretrained=str(SHIPPED_WEIGHTS))
     state = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
@@ -31,10 +31,7 @@ def test_shipped_weights_are_the_recorded_ones_and_load_into_cnn4():
 
 
 def test_the_pretrained_preset_points_at_the_shipped_weights():
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("experiments.conf", version_base=None):
-        cfg = to_run_config(compose("config", overrides=["preset=digits_pretrained"]))
+    cfg = compose_config("digits_pretrained")
     assert cfg.model.pretrained == str(SHIPPED_WEIGHTS)
     assert cfg.loss.use_ppc and cfg.loss.ppc_start_step == 0
     assert cfg.data.target_size // cfg.model.output_stride >= 8  # a loss grid of 8x8 or more

@@ -227,8 +227,7 @@ def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT_S, grace: i
     if heartbeat:
         grace = grace or 2 * heartbeat
         beat = {"heartbeat_interval": heartbeat, "grace_period": grace,
-                "heartbeat_stale_trial_callback": functools.partial(
-                    _requeue_stale, retries=retries)}
+                "heartbeat_stale_trial_callback": functools.partial(requeue, retries=retries)}
     if k == "sqlite":
         engine: dict = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
         wait_s = 0  # a local file has no outage; its errors (full disk) must surface
@@ -288,10 +287,6 @@ def requeue(study: optuna.Study, trial: FrozenTrial, retries: int | None = DEFAU
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs=user, system_attrs=system))
     return True
-
-
-def _requeue_stale(study: optuna.Study, trial: FrozenTrial, retries: int | None) -> None:
-    requeue(study, trial, retries, crashed=True)
 
 
 def fail_stale(study: optuna.Study, older_than_s: float, retries: int | None = DEFAULT_RETRIES,

@@ -213,11 +213,14 @@ def run_worker(study_name: str, url: str, root: str, target: int, timeout: float
                unit="trial", disable=not progress, position=1)
 
     def on_trial(study, trial) -> None:
+        from sweeps.report import best_trials
+
         bar.update(max(0, min(finished(study), target) - bar.n))
-        try:
-            bar.set_postfix(best=f"{study.best_value:.4f}" if len(study.directions) == 1 else "")
-        except ValueError:
-            pass
+        try:  # the best search trial, never the baseline
+            best = best_trials(study) if len(study.directions) == 1 else []
+        except ValueError:  # no complete search trial yet
+            best = []
+        bar.set_postfix(best=f"{best[0].value:.4f}" if best else "")
 
     try:
         return run_trials(study, objective, target, timeout, deadline, on_trial)
